@@ -1,0 +1,112 @@
+"""The command service's broker topology and the messages it publishes.
+
+Events, replies and dead letters are built here so their properties are defined in one place.
+"""
+
+from __future__ import annotations
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    FieldValue,
+)
+
+from shared import topology
+from shared.messages import EventEnvelope, Reply
+
+SINGLE_ACTIVE: dict[str, FieldValue] = {"x-single-active-consumer": True}
+
+
+async def declare_command_topology(
+    channel: AbstractChannel, partitions: int
+) -> list[AbstractQueue]:
+    """Declare (idempotently) the exchanges and queues commands flow through.
+
+    `cqrs.commands` (topic) → `cqrs.commands.partitioned` (consistent hash on the
+    `aggregate_id` header) → P single-active-consumer queues, so that one replica at a time
+    handles each partition and commands for one aggregate keep their order.
+    """
+    commands = await channel.declare_exchange(
+        topology.COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    dead = await channel.declare_exchange(
+        topology.COMMAND_DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    dead_queue = await channel.declare_queue(topology.COMMAND_DEAD_LETTER_QUEUE, durable=True)
+    await dead_queue.bind(dead)
+    queue_arguments: dict[str, FieldValue] = {
+        **SINGLE_ACTIVE,
+        "x-dead-letter-exchange": topology.COMMAND_DEAD_LETTER_EXCHANGE,
+    }
+    partitioned = await channel.declare_exchange(
+        topology.COMMAND_PARTITION_EXCHANGE,
+        aio_pika.ExchangeType.X_CONSISTENT_HASH,
+        durable=True,
+        arguments={"hash-header": topology.AGGREGATE_ID_HEADER},
+    )
+    await partitioned.bind(commands, routing_key="#")
+    queues = []
+    for index in range(partitions):
+        queue = await channel.declare_queue(
+            topology.command_partition_queue(index), durable=True, arguments=queue_arguments
+        )
+        await queue.bind(partitioned, routing_key="1")  # the binding key is the ring weight
+        queues.append(queue)
+    return queues
+
+
+async def declare_events_exchange(channel: AbstractChannel) -> AbstractExchange:
+    return await channel.declare_exchange(
+        topology.EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+
+
+async def declare_dead_letter_exchange(channel: AbstractChannel) -> AbstractExchange:
+    return await channel.declare_exchange(
+        topology.COMMAND_DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+
+
+def event_message(envelope: EventEnvelope) -> aio_pika.Message:
+    return aio_pika.Message(
+        body=envelope.model_dump_json().encode(),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=str(envelope.event_id),
+        correlation_id=envelope.metadata.correlation_id,
+        type=envelope.type,
+        headers={
+            topology.AGGREGATE_ID_HEADER: str(envelope.aggregate_id),
+            "version": envelope.version,
+            "position": envelope.position,
+        },
+    )
+
+
+def reply_message(reply: Reply, correlation_id: str | None) -> aio_pika.Message:
+    return aio_pika.Message(
+        body=reply.model_dump_json().encode(),
+        content_type="application/json",
+        correlation_id=correlation_id,
+        type="Reply",
+    )
+
+
+def dead_letter_message(original: AbstractIncomingMessage, reason: str) -> aio_pika.Message:
+    """A copy of the original command with the reason it could not be processed."""
+    headers = dict(original.headers or {})
+    headers[topology.REASON_HEADER] = reason[:1000]
+    headers["x-original-routing-key"] = original.routing_key or ""
+    return aio_pika.Message(
+        body=original.body,
+        content_type=original.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=original.message_id,
+        correlation_id=original.correlation_id,
+        reply_to=original.reply_to,
+        type=original.type,
+        headers=headers,
+    )

@@ -1,0 +1,308 @@
+"""The event store port and its PostgreSQL implementation.
+
+Events, the command record (with its reply, for idempotency) and the outbox commit in one
+transaction: the `events` table is the outbox, read by the relay in position order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+from uuid import UUID, uuid4
+
+import asyncpg
+
+from shared.messages import Event, EventEnvelope, EventMetadata, Reply
+
+# A connection of its own or one lent by the pool.
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+# pg_notify channel the relay listens on; the notification is delivered at commit.
+EVENTS_CHANNEL = "cqrs_events"
+
+
+class EventStoreError(Exception):
+    """Root of the event store's errors."""
+
+
+class ConcurrencyError(EventStoreError):
+    """Another writer appended to the stream first (`unique(stream_id, version)`)."""
+
+
+class DuplicateCommandError(EventStoreError):
+    """The command id was recorded already; carries the stored reply."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(f"command {reply.command_id} was handled already")
+        self.reply = reply
+
+
+class EventStoreUnavailableError(EventStoreError):
+    """The database cannot be reached now; the operation may succeed when retried."""
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event about to be appended."""
+
+    event_id: UUID
+    type: str
+    schema_version: int
+    data: dict[str, Any]
+
+    @classmethod
+    def from_event(cls, event: Event) -> NewEvent:
+        return cls(uuid4(), event.type_name(), event.schema_version, event.model_dump(mode="json"))
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event as recorded, separate from the domain event it came from."""
+
+    position: int
+    event_id: UUID
+    stream_id: UUID
+    aggregate_type: str
+    version: int
+    type: str
+    schema_version: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: datetime
+
+    def to_envelope(self) -> EventEnvelope:
+        return EventEnvelope(
+            event_id=self.event_id,
+            type=self.type,
+            aggregate_type=self.aggregate_type,
+            aggregate_id=self.stream_id,
+            version=self.version,
+            position=self.position,
+            recorded_at=self.recorded_at,
+            data=self.data,
+            metadata=EventMetadata.model_validate(
+                {**self.metadata, "schema_version": self.schema_version}
+            ),
+        )
+
+
+class EventStore(Protocol):
+    """Append-only storage of event streams, with the command log."""
+
+    async def load_stream(self, stream_id: UUID) -> list[StoredEvent]: ...
+
+    async def find_reply(self, command_id: UUID) -> Reply | None: ...
+
+    async def append(
+        self,
+        *,
+        stream_id: UUID,
+        aggregate_type: str,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        command_id: UUID,
+        correlation_id: str | None,
+    ) -> Reply:
+        """Append events after `expected_version` and record the command; return its reply.
+
+        Raises `ConcurrencyError` when the stream moved on, `DuplicateCommandError` when the
+        command was recorded already.
+        """
+        ...
+
+    async def record_rejection(self, reply: Reply) -> Reply:
+        """Record a rejected command; return the reply stored first for that command id."""
+        ...
+
+    async def read_all(self, after: int, limit: int) -> list[StoredEvent]: ...
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.TransactionRollbackError,
+)
+
+
+@asynccontextmanager
+async def translate_driver_errors() -> AsyncIterator[None]:
+    """Turn the driver's connection failures into `EventStoreUnavailableError`."""
+    try:
+        yield
+    except TRANSIENT_ERRORS as e:
+        raise EventStoreUnavailableError(str(e) or type(e).__name__) from e
+
+
+async def init_connection(connection: Connection) -> None:
+    await connection.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+    )
+
+
+async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
+    async with translate_driver_errors():
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=size, init=init_connection, command_timeout=30
+        )
+    assert pool is not None
+    return pool
+
+
+_COLUMNS = (
+    "position, event_id, stream_id, aggregate_type, version, type, schema_version, "
+    "data, metadata, recorded_at"
+)
+
+
+def _stored(row: asyncpg.Record) -> StoredEvent:
+    return StoredEvent(**dict(row.items()))
+
+
+class PostgresEventStore:
+    """`EventStore` on PostgreSQL through an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def load_stream(self, stream_id: UUID) -> list[StoredEvent]:
+        async with translate_driver_errors():
+            rows = await self._pool.fetch(
+                f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version", stream_id
+            )
+        return [_stored(row) for row in rows]
+
+    async def find_reply(self, command_id: UUID) -> Reply | None:
+        async with translate_driver_errors():
+            stored = await self._pool.fetchval(
+                "SELECT reply FROM commands WHERE command_id = $1", command_id
+            )
+        return None if stored is None else Reply.model_validate(stored)
+
+    async def append(
+        self,
+        *,
+        stream_id: UUID,
+        aggregate_type: str,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        command_id: UUID,
+        correlation_id: str | None,
+    ) -> Reply:
+        metadata = {"correlation_id": correlation_id, "causation_id": str(command_id)}
+        async with translate_driver_errors(), self._pool.acquire() as connection:
+            try:
+                async with connection.transaction():
+                    return await self._append(
+                        connection,
+                        stream_id,
+                        aggregate_type,
+                        expected_version,
+                        events,
+                        command_id,
+                        metadata,
+                    )
+            except asyncpg.UniqueViolationError as e:
+                if e.constraint_name == "commands_pkey":
+                    reply = await self.find_reply(command_id)
+                    assert reply is not None  # the conflicting row committed
+                    raise DuplicateCommandError(reply) from e
+                raise ConcurrencyError(
+                    f"stream {stream_id} moved past version {expected_version}"
+                ) from e
+
+    @staticmethod
+    async def _append(
+        connection: Connection,
+        stream_id: UUID,
+        aggregate_type: str,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        command_id: UUID,
+        metadata: dict[str, Any],
+    ) -> Reply:
+        # Fail fast, before taking the position lock, when the stream already moved on.
+        current = await connection.fetchval(
+            "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id
+        )
+        if current != expected_version:
+            raise ConcurrencyError(
+                f"stream {stream_id} is at version {current}, not {expected_version}"
+            )
+        # The row lock on event_position is held until commit: positions follow commit order.
+        last = await connection.fetchval(
+            "UPDATE event_position SET last = last + $1 RETURNING last", len(events)
+        )
+        first = last - len(events) + 1
+        await connection.executemany(
+            """INSERT INTO events (position, event_id, stream_id, aggregate_type, version,
+                                   type, schema_version, data, metadata)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+            [
+                (
+                    first + i,
+                    event.event_id,
+                    stream_id,
+                    aggregate_type,
+                    expected_version + 1 + i,
+                    event.type,
+                    event.schema_version,
+                    event.data,
+                    metadata,
+                )
+                for i, event in enumerate(events)
+            ],
+        )
+        reply = Reply(
+            command_id=command_id,
+            status="accepted",
+            aggregate_id=stream_id,
+            version=expected_version + len(events),
+            position=last,
+        )
+        await connection.execute(
+            "INSERT INTO commands (command_id, aggregate_id, reply) VALUES ($1, $2, $3)",
+            command_id,
+            stream_id,
+            reply.model_dump(mode="json"),
+        )
+        await connection.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(last))
+        return reply
+
+    async def record_rejection(self, reply: Reply) -> Reply:
+        async with translate_driver_errors():
+            stored = await self._pool.fetchval(
+                """WITH inserted AS (
+                       INSERT INTO commands (command_id, aggregate_id, reply)
+                       VALUES ($1, $2, $3) ON CONFLICT (command_id) DO NOTHING RETURNING reply)
+                   SELECT reply FROM inserted
+                   UNION ALL SELECT reply FROM commands WHERE command_id = $1
+                   LIMIT 1""",
+                reply.command_id,
+                reply.aggregate_id,
+                reply.model_dump(mode="json"),
+            )
+        return Reply.model_validate(stored)
+
+    async def read_all(self, after: int, limit: int) -> list[StoredEvent]:
+        async with translate_driver_errors():
+            return await read_all(self._pool, after, limit)
+
+
+async def read_all(
+    connection: Connection | asyncpg.Pool, after: int, limit: int
+) -> list[StoredEvent]:
+    """Events after a global position, in position order (which is commit order)."""
+    rows = await connection.fetch(
+        f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+        after,
+        limit,
+    )
+    return [_stored(row) for row in rows]

@@ -1,0 +1,114 @@
+"""The composition root: builds pools, channels, the consumer and the relay, and closes them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+import aio_pika
+import asyncpg
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+
+from command_service.adapters import broker
+from command_service.adapters.event_store import PostgresEventStore, create_pool
+from command_service.adapters.migrations import migrate
+from command_service.adapters.relay import RELAY_SUBSCRIPTION, EventPublisher
+from command_service.adapters.subscription import Subscription
+from command_service.domain.account import Account
+from command_service.domain.process import ProcessManager
+from command_service.domain.transfer import Transfer, TransferProcess
+from command_service.entrypoints.commands import CommandConsumer
+from command_service.service_layer.process_managers import ProcessManagerRunner
+from command_service.service_layer.registry import CommandRegistry
+from shared.settings import CommandServiceSettings
+
+log = structlog.get_logger(__name__)
+
+
+def build_registry() -> CommandRegistry:
+    """Register every aggregate the service handles. Add yours here."""
+    registry = CommandRegistry()
+    registry.register(Account)
+    registry.register(Transfer)
+    return registry
+
+
+def build_process_managers() -> list[ProcessManager]:
+    """Every process manager the service runs. Add yours here."""
+    return [TransferProcess()]
+
+
+@dataclass
+class CommandService:
+    """The running service: what `start` built and `stop` closes."""
+
+    settings: CommandServiceSettings
+    pool: asyncpg.Pool
+    connection: AbstractRobustConnection
+    consumer: CommandConsumer
+    subscriptions: list[Subscription]
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.connection.close()
+        await self.pool.close()
+        log.info("command_service_stopped")
+
+
+async def start(settings: CommandServiceSettings) -> CommandService:
+    """Migrate the schema, declare the topology, and start consuming and relaying."""
+    pool = await create_pool(settings.postgres_dsn, settings.postgres_pool_size)
+    async with pool.acquire() as connection:
+        await migrate(connection)
+    amqp = await aio_pika.connect_robust(settings.amqp_url)
+    consume_channel = await amqp.channel()
+    await consume_channel.set_qos(prefetch_count=settings.prefetch)
+    queues = await broker.declare_command_topology(consume_channel, settings.command_partitions)
+    confirmed = await amqp.channel(publisher_confirms=True)
+    replies = await amqp.channel(publisher_confirms=False)
+    relay_channel = await amqp.channel(publisher_confirms=True)
+    store = PostgresEventStore(pool)
+    registry = build_registry()
+    consumer = CommandConsumer(
+        store=store,
+        registry=registry,
+        replies=replies.default_exchange,
+        dead_letters=await broker.declare_dead_letter_exchange(confirmed),
+        max_message_bytes=settings.max_message_bytes,
+        concurrency_retries=settings.concurrency_retries,
+    )
+    relay = Subscription(
+        name=RELAY_SUBSCRIPTION,
+        dsn=settings.postgres_dsn,
+        handler=EventPublisher(await broker.declare_events_exchange(relay_channel)),
+        batch_size=settings.relay_batch_size,
+        poll_seconds=settings.relay_poll_seconds,
+    )
+    process_managers = [
+        Subscription(
+            name=process.name,
+            dsn=settings.postgres_dsn,
+            handler=ProcessManagerRunner(
+                process,
+                store=store,
+                registry=registry,
+                concurrency_retries=settings.concurrency_retries,
+            ),
+            batch_size=settings.relay_batch_size,
+            poll_seconds=settings.relay_poll_seconds,
+        )
+        for process in build_process_managers()
+    ]
+    service = CommandService(settings, pool, amqp, consumer, [relay, *process_managers])
+    service.tasks = [asyncio.create_task(s.run(), name=s.name) for s in service.subscriptions]
+    consumer.start(queues)
+    log.info("command_service_started", partitions=settings.command_partitions)
+    return service

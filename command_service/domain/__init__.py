@@ -1,0 +1,1 @@
+"""Aggregates and their rules. No I/O here."""

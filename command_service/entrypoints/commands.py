@@ -1,0 +1,214 @@
+"""The AMQP command consumer: one sequential loop per partition queue.
+
+Acknowledgement policy:
+- bad input (oversized body, wrong content type, malformed JSON, unknown type, schema
+  violation) → a copy goes to the dead-letter exchange with the reason in `x-cqrs-reason`, a
+  rejection is replied when the sender asked for replies, and the original is acked;
+- a domain rule violation → a normal `rejected` reply, stored for idempotency, acked;
+- the event store unreachable → retried with backoff, in place (so the partition keeps its
+  order), then nacked with requeue; never acked early;
+- otherwise → acked only after the events and the reply committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from uuid import UUID
+
+import structlog
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from pydantic import ValidationError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from command_service.adapters.broker import dead_letter_message, reply_message
+from command_service.adapters.event_store import EventStore, EventStoreUnavailableError
+from command_service.service_layer.handlers import handle_command
+from command_service.service_layer.registry import CommandRegistry, UnknownCommandError
+from shared.messages import CommandEnvelope, Reply, ReplyError
+
+log = structlog.get_logger(__name__)
+
+NIL_UUID = UUID(int=0)
+JSON_CONTENT_TYPES = {None, "", "application/json"}
+
+
+class BadCommandError(Exception):
+    """A message that can never be processed; it goes to the dead letters."""
+
+    def __init__(self, code: str, message: str, envelope: CommandEnvelope | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.envelope = envelope
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+class CommandConsumer:
+    """Consumes the partition queues and hands each command to the service layer."""
+
+    def __init__(
+        self,
+        *,
+        store: EventStore,
+        registry: CommandRegistry,
+        replies: AbstractExchange,
+        dead_letters: AbstractExchange,
+        max_message_bytes: int,
+        concurrency_retries: int,
+        transient_retry_seconds: float = 30.0,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._replies = replies
+        self._dead_letters = dead_letters
+        self._max_message_bytes = max_message_bytes
+        self._concurrency_retries = concurrency_retries
+        self._transient_retry_seconds = transient_retry_seconds
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.handled = 0
+
+    def start(self, queues: list[AbstractQueue]) -> None:
+        for queue in queues:
+            self._tasks.append(asyncio.create_task(self._consume(queue), name=queue.name))
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking messages, let each partition finish the one it holds, then return.
+
+        Messages delivered but not yet processed are requeued by the broker when the channel
+        closes, since they were never acked.
+        """
+        self._stopping.set()
+        _, pending = await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else ((), ())
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _consume(self, queue: AbstractQueue) -> None:
+        stop = asyncio.create_task(self._stopping.wait())
+        async with queue.iterator() as messages:
+            iterator = aiter(messages)
+            while not self._stopping.is_set():
+                receive = asyncio.ensure_future(anext(iterator))
+                await asyncio.wait({receive, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():
+                    receive.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await receive
+                    break
+                await self.process(receive.result())
+        stop.cancel()
+
+    async def process(self, message: AbstractIncomingMessage) -> None:
+        """Handle one delivery to its end: acked, dead-lettered or requeued."""
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            message_id=message.message_id, correlation_id=message.correlation_id
+        )
+        try:
+            envelope = self._parse(message)
+            structlog.contextvars.bind_contextvars(
+                command_id=str(envelope.command_id),
+                command_type=envelope.type,
+                aggregate_id=str(envelope.aggregate_id),
+            )
+            reply = await self._handle(envelope)
+        except BadCommandError as e:
+            await self._dead_letter(message, e)
+            return
+        except EventStoreUnavailableError as e:
+            log.error("command_requeued", error=str(e))
+            await message.nack(requeue=True)
+            return
+        log.info(
+            "command_handled",
+            status=reply.status,
+            version=reply.version,
+            position=reply.position,
+            error_code=reply.error.code if reply.error else None,
+        )
+        await self._reply(message, reply)
+        await message.ack()
+        self.handled += 1
+
+    def _parse(self, message: AbstractIncomingMessage) -> CommandEnvelope:
+        size = len(message.body)
+        if size > self._max_message_bytes:
+            raise BadCommandError(
+                "message_too_large", f"body of {size} bytes exceeds {self._max_message_bytes}"
+            )
+        if message.content_type not in JSON_CONTENT_TYPES:
+            raise BadCommandError(
+                "unsupported_content_type",
+                f"content type {message.content_type!r} is not application/json",
+            )
+        try:
+            envelope = CommandEnvelope.model_validate_json(message.body)
+        except ValidationError as e:
+            raise BadCommandError("invalid_envelope", _describe(e)) from e
+        try:
+            self._registry.parse(envelope)
+        except UnknownCommandError as e:
+            raise BadCommandError("unknown_command_type", str(e), envelope) from e
+        except ValidationError as e:
+            raise BadCommandError("invalid_payload", _describe(e), envelope) from e
+        return envelope
+
+    async def _handle(self, envelope: CommandEnvelope) -> Reply:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(EventStoreUnavailableError),
+            wait=wait_exponential(multiplier=0.1, max=5),
+            stop=stop_after_delay(self._transient_retry_seconds),
+            before_sleep=lambda state: log.warning(
+                "event_store_unavailable", attempt=state.attempt_number
+            ),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await handle_command(
+                    envelope,
+                    store=self._store,
+                    registry=self._registry,
+                    concurrency_retries=self._concurrency_retries,
+                )
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, error: BadCommandError) -> None:
+        reason = f"{error.code}: {error.message}"
+        log.warning("command_dead_lettered", reason=reason)
+        await self._dead_letters.publish(dead_letter_message(message, reason), routing_key="")
+        command_id = (
+            error.envelope.command_id if error.envelope else _uuid_or_nil(message.message_id)
+        )
+        reply = Reply(
+            command_id=command_id,
+            status="rejected",
+            aggregate_id=error.envelope.aggregate_id if error.envelope else None,
+            error=ReplyError(code=error.code, message=error.message),
+        )
+        await self._reply(message, reply)
+        await message.ack()
+
+    async def _reply(self, message: AbstractIncomingMessage, reply: Reply) -> None:
+        if message.reply_to:
+            await self._replies.publish(
+                reply_message(reply, message.correlation_id), routing_key=message.reply_to
+            )
+
+
+def _uuid_or_nil(value: str | None) -> UUID:
+    try:
+        return UUID(value or "")
+    except ValueError:
+        return NIL_UUID

@@ -1,0 +1,98 @@
+"""Handling one command: idempotency check, load, decide, append, with bounded retries."""
+
+from __future__ import annotations
+
+import structlog
+
+from command_service.adapters.event_store import (
+    ConcurrencyError,
+    DuplicateCommandError,
+    EventStore,
+    NewEvent,
+)
+from command_service.domain.aggregate import DomainError
+from command_service.service_layer.registry import CommandRegistry
+from shared.messages import CommandEnvelope, Reply, ReplyError
+
+log = structlog.get_logger(__name__)
+
+
+def _as_duplicate(reply: Reply) -> Reply:
+    return reply.model_copy(update={"status": "duplicate"})
+
+
+async def handle_command(
+    envelope: CommandEnvelope,
+    *,
+    store: EventStore,
+    registry: CommandRegistry,
+    concurrency_retries: int,
+    internal: bool = False,
+) -> Reply:
+    """Decide the command against the aggregate's current state and store the outcome.
+
+    A command id seen before gets its stored reply with status `duplicate` and appends nothing.
+    A lost race is retried against fresh state unless the command named `expected_version`.
+    Raises `UnknownCommandError` or `pydantic.ValidationError` for a command it cannot parse.
+    """
+    command, aggregate_class = registry.parse(envelope, internal=internal)
+    stored = await store.find_reply(envelope.command_id)
+    if stored is not None:
+        return _as_duplicate(stored)
+    for attempt in range(concurrency_retries + 1):
+        history = await store.load_stream(envelope.aggregate_id)
+        aggregate = aggregate_class.rehydrate(
+            envelope.aggregate_id,
+            (registry.event_from_stored(e.type, e.schema_version, e.data) for e in history),
+        )
+        if envelope.expected_version is not None and envelope.expected_version != aggregate.version:
+            return await _reject(
+                envelope,
+                store,
+                "concurrency_conflict",
+                f"expected version {envelope.expected_version}, "
+                f"aggregate is at {aggregate.version}",
+            )
+        try:
+            events = aggregate.decide(command)
+        except DomainError as e:
+            return await _reject(envelope, store, e.code, e.message)
+        if not events:
+            return await _reject(envelope, store, "no_change", "the command changes nothing")
+        try:
+            return await store.append(
+                stream_id=envelope.aggregate_id,
+                aggregate_type=aggregate_class.aggregate_type,
+                expected_version=aggregate.version,
+                events=[NewEvent.from_event(event) for event in events],
+                command_id=envelope.command_id,
+                correlation_id=envelope.metadata.correlation_id,
+            )
+        except DuplicateCommandError as e:
+            return _as_duplicate(e.reply)
+        except ConcurrencyError:
+            log.info("append_conflict", attempt=attempt, aggregate_id=str(envelope.aggregate_id))
+            if envelope.expected_version is not None:
+                break
+    # Not stored: losing races is no decision about the command, so a resend may succeed.
+    return _rejection(
+        envelope,
+        "concurrency_conflict",
+        f"aggregate {envelope.aggregate_id} kept changing; gave up after "
+        f"{concurrency_retries + 1} attempts",
+    )
+
+
+def _rejection(envelope: CommandEnvelope, code: str, message: str) -> Reply:
+    return Reply(
+        command_id=envelope.command_id,
+        status="rejected",
+        aggregate_id=envelope.aggregate_id,
+        error=ReplyError(code=code, message=message),
+    )
+
+
+async def _reject(envelope: CommandEnvelope, store: EventStore, code: str, message: str) -> Reply:
+    reply = _rejection(envelope, code, message)
+    stored = await store.record_rejection(reply)
+    return stored if stored == reply else _as_duplicate(stored)

@@ -1,0 +1,86 @@
+"""Runs a process manager as a subscription to the event store.
+
+Each reaction's commands are handled in-process through the same `handle_command` as commands
+from the broker, with deterministic command ids, so re-running a batch after a crash or a
+leadership change appends nothing twice.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from command_service.adapters.event_store import EventStore, StoredEvent
+from command_service.adapters.subscription import RetryLaterError
+from command_service.domain.process import IssuedCommand, ProcessManager
+from command_service.service_layer.handlers import handle_command
+from command_service.service_layer.registry import CommandRegistry
+from shared.messages import CommandEnvelope, CommandMetadata
+
+log = structlog.get_logger(__name__)
+
+
+class ProcessManagerRunner:
+    """The batch handler of a process manager's subscription."""
+
+    def __init__(
+        self,
+        process: ProcessManager,
+        *,
+        store: EventStore,
+        registry: CommandRegistry,
+        concurrency_retries: int,
+    ) -> None:
+        self.process = process
+        self._store = store
+        self._registry = registry
+        self._concurrency_retries = concurrency_retries
+        self._event_types = {event.type_name() for event in process.events}
+        self.issued = 0
+
+    async def __call__(self, events: list[StoredEvent]) -> None:
+        for stored in events:
+            if stored.type not in self._event_types:
+                continue
+            event = self._registry.event_from_stored(
+                stored.type, stored.schema_version, stored.data
+            )
+            metadata = CommandMetadata(
+                correlation_id=stored.metadata.get("correlation_id"),
+                causation_id=str(stored.event_id),
+                user=f"process:{self.process.name}",
+            )
+            for step in self.process.react(event, stored.stream_id):
+                await self._issue(step, metadata)
+
+    async def _issue(self, step: IssuedCommand, metadata: CommandMetadata) -> None:
+        envelope = CommandEnvelope(
+            command_id=step.command_id,
+            type=step.command.type_name(),
+            aggregate_id=step.aggregate_id,
+            payload=step.command.model_dump(mode="json"),
+            metadata=metadata,
+        )
+        reply = await handle_command(
+            envelope,
+            store=self._store,
+            registry=self._registry,
+            concurrency_retries=self._concurrency_retries,
+            internal=True,
+        )
+        self.issued += 1
+        log.info(
+            "process_step",
+            process=self.process.name,
+            command_type=envelope.type,
+            aggregate_id=str(envelope.aggregate_id),
+            status=reply.status,
+            error_code=reply.error.code if reply.error else None,
+        )
+        if reply.error is None:
+            return
+        if reply.error.code == "concurrency_conflict":
+            # Lost races are not a decision: run this batch again later.
+            raise RetryLaterError(f"{envelope.type} on {envelope.aggregate_id} kept conflicting")
+        if step.on_rejected is not None:
+            for next_step in step.on_rejected(reply.error):
+                await self._issue(next_step, metadata)

@@ -1,0 +1,1 @@
+"""Drivers at the edge: RabbitMQ topology and parking, MongoDB collections."""

@@ -1,0 +1,1 @@
+"""Ways in: the projector's AMQP consumer and the HTTP API."""

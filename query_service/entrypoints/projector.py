@@ -1,0 +1,279 @@
+"""The projector's AMQP consumer and its acknowledgement policy.
+
+- unreadable body (too large, bad JSON, not an event envelope), data failing its schema, a
+  version gap that does not close: park with the reason, ack; never block the queue;
+- an event no projection handles: ack, nothing to do;
+- transient MongoDB errors: retry with bounded backoff, then nack with requeue;
+- any other error: log it with its traceback and park the message, so nothing is lost;
+- ack only after the read-model write is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from uuid import UUID
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, ConsumerTag
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from pydantic import ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from query_service.adapters.mongo import TRANSIENT_ERRORS
+from query_service.entrypoints.lanes import AggregateLanes
+from query_service.service_layer.projector import Outcome, Projected, Rejected
+from shared.messages import EventEnvelope
+from shared.topology import AGGREGATE_ID_HEADER
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
+
+# An event envelope is a few hundred bytes; anything near this is not one of ours.
+MAX_BODY_BYTES = 1_048_576
+
+EventHandler = Callable[[EventEnvelope], Awaitable[Outcome]]
+
+
+class Parker(Protocol):
+    """Sets a message aside with the reason it cannot be projected; returns once that is durable."""
+
+    async def park(self, message: AbstractIncomingMessage, reason: str) -> None: ...
+
+
+class UnreadableMessage(Exception):
+    """The message body is not an event envelope we can route to a projection."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff for transient store errors; then the message is requeued."""
+
+    attempts: int = 5
+    initial_seconds: float = 0.1
+    max_seconds: float = 2.0
+    transient_errors: tuple[type[Exception], ...] = TRANSIENT_ERRORS
+
+
+DEFAULT_RETRY_POLICY = RetryPolicy()
+
+
+def parse_envelope(
+    body: bytes, headers: dict[str, Any] | None = None, *, max_bytes: int = MAX_BODY_BYTES
+) -> EventEnvelope:
+    """Read an event envelope from a message body, or say precisely why not."""
+    if len(body) > max_bytes:
+        raise UnreadableMessage(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
+    try:
+        envelope = EventEnvelope.model_validate_json(body)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        if any(error["type"] == "json_invalid" for error in errors):
+            raise UnreadableMessage(f"malformed JSON: {errors[0]['msg']}") from e
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+            for error in errors
+        )
+        raise UnreadableMessage(f"invalid event envelope: {problems}") from e
+    header = (headers or {}).get(AGGREGATE_ID_HEADER)
+    # The partition was chosen by the header; if it lies, this aggregate's order is not guaranteed.
+    if header is not None and _as_uuid(header) != envelope.aggregate_id:
+        raise UnreadableMessage(
+            f"header {AGGREGATE_ID_HEADER}={header!r} does not match the envelope's "
+            f"aggregate_id {envelope.aggregate_id}"
+        )
+    return envelope
+
+
+def _as_uuid(value: object) -> UUID | None:
+    try:
+        return UUID(value.decode() if isinstance(value, bytes) else str(value))
+    except ValueError:
+        return None
+
+
+class ProjectorConsumer:
+    """Consumes the projector's partition queues and settles each message by the ack policy.
+
+    Messages of one aggregate are handled one after another in delivery order (see `lanes`);
+    messages of different aggregates run concurrently, up to the prefetch of each queue.
+    """
+
+    def __init__(
+        self,
+        *,
+        handler: EventHandler,
+        parker: Parker,
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self._handler = handler
+        self._parker = parker
+        self._retry_policy = retry_policy
+        self._max_body_bytes = max_body_bytes
+        self._lanes = AggregateLanes()
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._consumers: list[tuple[AbstractQueue, ConsumerTag]] = []
+
+    async def start(self, queues: Sequence[AbstractQueue]) -> None:
+        for queue in queues:
+            tag = await queue.consume(self.on_message)
+            self._consumers.append((queue, tag))
+        log.info("projector_consuming", queues=[queue.name for queue in queues])
+
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop taking messages and let those in hand finish.
+
+        What is still unsettled after `grace_seconds` is cancelled; closing the channel afterwards
+        makes the broker requeue it.
+        """
+        consumers, self._consumers = self._consumers, []
+        for queue, tag in consumers:
+            try:
+                await queue.cancel(tag)
+            except CONNECTION_EXCEPTIONS as e:
+                log.warning("consumer_cancel_failed", queue=queue.name, error=repr(e))
+        if not self._in_flight:
+            return
+        _, pending = await asyncio.wait(set(self._in_flight), timeout=grace_seconds)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("projector_stopped_with_unsettled_messages", count=len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        try:
+            await self._handle(message)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        # Everything up to `lanes.join` must stay synchronous: tasks start in delivery order,
+        # and that order is the lane order only if no task yields before joining.
+        try:
+            envelope = parse_envelope(
+                message.body, dict(message.headers or {}), max_bytes=self._max_body_bytes
+            )
+        except UnreadableMessage as e:
+            with structlog.contextvars.bound_contextvars(
+                correlation_id=message.correlation_id,
+                message_id=message.message_id,
+                routing_key=message.routing_key,
+            ):
+                await self._park(message, str(e))
+            return
+
+        key = str(envelope.aggregate_id)
+        with structlog.contextvars.bound_contextvars(
+            correlation_id=envelope.metadata.correlation_id or message.correlation_id,
+            event_id=str(envelope.event_id),
+            event_type=envelope.type,
+            aggregate_id=key,
+            version=envelope.version,
+        ):
+            previous, turn = self._lanes.join(key)
+            try:
+                if previous is not None:
+                    await previous.wait()
+                if self._lanes.must_requeue(key, turn):
+                    # Projecting it now would jump ahead of a requeued earlier event.
+                    log.info("event_requeued_behind_earlier_event")
+                    await self._settle(message.nack(requeue=True))
+                else:
+                    await self._project(message, envelope, key)
+            except asyncio.CancelledError:
+                # Unsettled, so the channel close requeues it; its successors must follow it.
+                self._lanes.hold_back(key)
+                raise
+            finally:
+                self._lanes.leave(key, turn)
+
+    async def _project(
+        self, message: AbstractIncomingMessage, envelope: EventEnvelope, key: str
+    ) -> None:
+        try:
+            outcome = await self._with_retries(envelope)
+        except self._retry_policy.transient_errors as e:
+            log.warning("event_requeued_after_transient_errors", error=repr(e))
+            await self._requeue(message, key)
+            return
+        except Exception as e:
+            # A bug or an unexpected store error must not kill the consumer nor loop forever:
+            # the message is parked with the error, and the traceback goes to the log.
+            log.exception("projection_failed")
+            await self._park(message, f"projection failed: {type(e).__name__}: {e}", key)
+            return
+
+        match outcome:
+            case Projected(applied=applied, duplicates=duplicates):
+                if not await self._settle(message.ack()):
+                    self._lanes.hold_back(key)
+                elif applied:
+                    log.info(
+                        "event_projected", position=envelope.position, projections=list(applied)
+                    )
+                else:
+                    log.info("event_duplicate_ignored", projections=list(duplicates))
+            case Rejected(reason=reason):
+                await self._park(message, reason, key)
+
+    async def _with_retries(self, envelope: EventEnvelope) -> Outcome:
+        policy = self._retry_policy
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(policy.attempts),
+            wait=wait_exponential(multiplier=policy.initial_seconds, max=policy.max_seconds),
+            retry=retry_if_exception_type(policy.transient_errors),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        outcome: Outcome = await retrying(self._handler, envelope)
+        return outcome
+
+    async def _park(
+        self, message: AbstractIncomingMessage, reason: str, key: str | None = None
+    ) -> None:
+        try:
+            await self._parker.park(message, reason)
+        except CONNECTION_EXCEPTIONS as e:
+            log.error("event_park_failed", reason=reason, error=repr(e))
+            await self._requeue(message, key)
+            return
+        log.error("event_parked", reason=reason)
+        if not await self._settle(message.ack()) and key is not None:
+            self._lanes.hold_back(key)
+
+    async def _requeue(self, message: AbstractIncomingMessage, key: str | None) -> None:
+        # Hold back first: a redelivery cannot arrive before the nack is sent.
+        if key is not None:
+            self._lanes.hold_back(key)
+        await self._settle(message.nack(requeue=True))
+
+    async def _settle(self, settlement: Awaitable[None]) -> bool:
+        try:
+            await settlement
+        except CONNECTION_EXCEPTIONS as e:
+            # The channel is gone; the broker redelivers the message and the guard dedups it.
+            log.warning("message_settle_failed", error=repr(e))
+            return False
+        return True
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    log.warning("transient_error_retrying", attempt=state.attempt_number, error=repr(error))

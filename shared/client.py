@@ -1,0 +1,137 @@
+"""A small client that publishes commands and awaits their replies."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Self
+from uuid import UUID
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from shared.messages import Command, CommandEnvelope, CommandMetadata, Reply
+from shared.topology import AGGREGATE_ID_HEADER, COMMANDS_EXCHANGE, routing_key
+
+
+class CommandTimeoutError(TimeoutError):
+    """No reply arrived within the timeout; the command may still be handled later."""
+
+
+def envelope_for(
+    command: Command,
+    aggregate_id: UUID,
+    *,
+    expected_version: int | None = None,
+    correlation_id: str | None = None,
+    command_id: UUID | None = None,
+) -> CommandEnvelope:
+    """Wrap a typed command payload in an envelope."""
+    fields: dict[str, object] = {
+        "type": command.type_name(),
+        "aggregate_id": aggregate_id,
+        "expected_version": expected_version,
+        "payload": command.model_dump(mode="json"),
+        "metadata": CommandMetadata(correlation_id=correlation_id),
+    }
+    if command_id is not None:
+        fields["command_id"] = command_id
+    return CommandEnvelope.model_validate(fields)
+
+
+class CommandClient:
+    """Publishes command envelopes to `cqrs.commands` and matches replies by correlation id.
+
+    Replies arrive on an exclusive, server-named queue owned by this client.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        channel: AbstractChannel,
+        exchange: AbstractExchange,
+        reply_queue: AbstractQueue,
+    ) -> None:
+        self._connection = connection
+        self._channel = channel
+        self._exchange = exchange
+        self._reply_queue = reply_queue
+        self._pending: dict[str, asyncio.Future[Reply]] = {}
+
+    @classmethod
+    async def connect(cls, amqp_url: str) -> Self:
+        connection = await aio_pika.connect_robust(amqp_url)
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(
+            COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        client = cls(connection, channel, exchange, reply_queue)
+        await reply_queue.consume(client._on_reply, no_ack=True)
+        return client
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.pop(message.correlation_id or "", None)
+        if future is not None and not future.done():
+            future.set_result(Reply.model_validate_json(message.body))
+
+    async def publish(self, envelope: CommandEnvelope, aggregate_type: str, *, reply: bool) -> None:
+        """Publish one command (persistent, confirmed by the broker)."""
+        correlation_id = envelope.metadata.correlation_id or str(envelope.command_id)
+        await self._exchange.publish(
+            aio_pika.Message(
+                body=envelope.model_dump_json().encode(),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(envelope.command_id),
+                correlation_id=correlation_id,
+                reply_to=self._reply_queue.name if reply else None,
+                type=envelope.type,
+                headers={AGGREGATE_ID_HEADER: str(envelope.aggregate_id)},
+            ),
+            routing_key=routing_key(aggregate_type, envelope.type),
+            mandatory=True,
+        )
+
+    async def send(
+        self, envelope: CommandEnvelope, aggregate_type: str, *, timeout: float = 10.0
+    ) -> Reply:
+        """Publish a command and wait for its reply."""
+        correlation_id = envelope.metadata.correlation_id or str(envelope.command_id)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        try:
+            await self.publish(envelope, aggregate_type, reply=True)
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError as e:
+            raise CommandTimeoutError(
+                f"no reply to command {envelope.command_id} within {timeout}s"
+            ) from e
+        finally:
+            self._pending.pop(correlation_id, None)
+
+    async def send_command(
+        self,
+        command: Command,
+        aggregate_id: UUID,
+        *,
+        expected_version: int | None = None,
+        timeout: float = 10.0,
+    ) -> Reply:
+        """Build the envelope for a typed command, send it and wait for the reply."""
+        envelope = envelope_for(command, aggregate_id, expected_version=expected_version)
+        return await self.send(envelope, command.aggregate_type, timeout=timeout)
+
+    async def close(self) -> None:
+        await self._connection.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

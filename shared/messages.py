@@ -1,0 +1,102 @@
+"""Message envelopes: what travels between clients, the command service and the query service."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+from uuid import UUID, uuid4
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    """Base of every contract model: immutable, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Command(Message):
+    """The payload of a command. Subclasses name their type and the aggregate type they target."""
+
+    aggregate_type: ClassVar[str]
+
+    @classmethod
+    def type_name(cls) -> str:
+        return cls.__name__
+
+
+class Event(Message):
+    """The data of a domain event. The class name is the event type."""
+
+    schema_version: ClassVar[int] = 1
+
+    @classmethod
+    def type_name(cls) -> str:
+        return cls.__name__
+
+
+class CommandMetadata(Message):
+    correlation_id: str | None = Field(default=None, max_length=128)
+    causation_id: str | None = Field(default=None, max_length=128)
+    issued_at: datetime = Field(default_factory=utcnow)
+    user: str | None = Field(default=None, max_length=128)
+
+
+class CommandEnvelope(Message):
+    """A command as published to `cqrs.commands`. `command_id` is the idempotency key."""
+
+    command_id: UUID = Field(default_factory=uuid4)
+    type: str = Field(pattern=NAME_PATTERN)
+    aggregate_id: UUID
+    expected_version: int | None = Field(default=None, ge=0)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    metadata: CommandMetadata = Field(default_factory=CommandMetadata)
+
+
+class EventMetadata(Message):
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    schema_version: int = Field(default=1, ge=1)
+
+
+class EventEnvelope(Message):
+    """An event as published to the `cqrs.events` exchange."""
+
+    event_id: UUID
+    type: str = Field(pattern=NAME_PATTERN)
+    aggregate_type: str = Field(pattern=NAME_PATTERN)
+    aggregate_id: UUID
+    version: int = Field(ge=1)
+    position: int = Field(ge=1)
+    recorded_at: datetime
+    data: dict[str, Any]
+    metadata: EventMetadata = Field(default_factory=EventMetadata)
+
+    @property
+    def routing_key(self) -> str:
+        return f"{self.aggregate_type}.{self.type}"
+
+
+class ReplyError(Message):
+    code: str
+    message: str
+
+
+ReplyStatus = Literal["accepted", "rejected", "duplicate"]
+
+
+class Reply(Message):
+    """The answer to a command, sent to its `reply_to` queue and stored for idempotency."""
+
+    command_id: UUID
+    status: ReplyStatus
+    aggregate_id: UUID | None = None
+    version: int | None = None
+    position: int | None = None
+    error: ReplyError | None = None

@@ -1,0 +1,46 @@
+"""Settings read from `CQRS_*` environment variables, in one place, cast to types.
+
+A bad value fails at start-up with the variable named in the error.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """Settings both services read."""
+
+    model_config = SettingsConfigDict(env_prefix="CQRS_", extra="ignore", frozen=True)
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool | None = Field(default=None, description="JSON logs; default: when not a TTY")
+    prefetch: int = Field(default=64, ge=1, le=10_000)
+
+
+class CommandServiceSettings(CommonSettings):
+    """Settings of the command service."""
+
+    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/cqrs"
+    postgres_pool_size: int = Field(default=10, ge=1, le=200)
+    command_partitions: int = Field(default=4, ge=1, le=256)
+    max_message_bytes: int = Field(default=65_536, ge=256)
+    concurrency_retries: int = Field(default=5, ge=0, le=100)
+    relay_batch_size: int = Field(default=500, ge=1, le=10_000)
+    relay_poll_seconds: float = Field(default=1.0, gt=0)
+
+
+class QueryServiceSettings(CommonSettings):
+    """Settings of the query service (projector and HTTP API)."""
+
+    mongo_url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
+    mongo_db: str = "cqrs"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65_535)
+    projector_partitions: int = Field(default=4, ge=1, le=256)
+    run_projector: bool = True
+    run_api: bool = True

@@ -1,0 +1,39 @@
+"""Broker names: the public exchanges and the queues each service owns.
+
+Clients publish commands to `COMMANDS_EXCHANGE` with routing key `<aggregate_type>.<CommandType>`
+and the `aggregate_id` header; events leave on `EVENTS_EXCHANGE` with routing key
+`<aggregate_type>.<EventType>`.
+"""
+
+from __future__ import annotations
+
+COMMANDS_EXCHANGE = "cqrs.commands"
+EVENTS_EXCHANGE = "cqrs.events"
+
+# Header that carries the aggregate id; consistent-hash exchanges partition on it. A command
+# published without it still arrives, but every such command lands in the same partition.
+AGGREGATE_ID_HEADER = "aggregate_id"
+# Header set on dead-lettered and parked messages.
+REASON_HEADER = "x-cqrs-reason"
+
+# Command service: commands partitioned by aggregate id into single-active-consumer queues.
+COMMAND_PARTITION_EXCHANGE = "cqrs.commands.partitioned"
+COMMAND_DEAD_LETTER_EXCHANGE = "cqrs.commands.dead"
+COMMAND_DEAD_LETTER_QUEUE = "cqrs.commands.dead"
+
+# Query service: events partitioned by aggregate id for the projector replicas.
+PROJECTOR_PARTITION_EXCHANGE = "cqrs.projector.partitioned"
+PROJECTOR_PARKED_EXCHANGE = "cqrs.projector.parked"
+PROJECTOR_PARKED_QUEUE = "cqrs.projector.parked"
+
+
+def command_partition_queue(index: int) -> str:
+    return f"cqrs.commands.p{index}"
+
+
+def projector_partition_queue(index: int) -> str:
+    return f"cqrs.projector.p{index}"
+
+
+def routing_key(aggregate_type: str, message_type: str) -> str:
+    return f"{aggregate_type}.{message_type}"

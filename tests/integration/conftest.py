@@ -1,0 +1,59 @@
+"""Fixtures for tests against the real servers: fresh databases and a running command service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from command_service.adapters.event_store import PostgresEventStore, create_pool
+from command_service.adapters.migrations import migrate
+from command_service.bootstrap import CommandService, start
+from shared.client import CommandClient
+from shared.settings import CommandServiceSettings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a migrated fresh database."""
+    pool = await create_pool(pg_dsn, 10)
+    async with pool.acquire() as connection:
+        await migrate(connection)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def store(pool: asyncpg.Pool) -> PostgresEventStore:
+    return PostgresEventStore(pool)
+
+
+@pytest.fixture
+def command_settings(broker: str, pg_dsn: str) -> CommandServiceSettings:
+    return CommandServiceSettings(
+        amqp_url=broker,
+        postgres_dsn=pg_dsn,
+        command_partitions=2,
+        max_message_bytes=4096,
+        relay_poll_seconds=0.2,
+        log_json=True,
+    )
+
+
+@pytest.fixture
+async def command_service(
+    command_settings: CommandServiceSettings,
+) -> AsyncIterator[CommandService]:
+    service = await start(command_settings)
+    yield service
+    await service.stop()
+
+
+@pytest.fixture
+async def client(broker: str) -> AsyncIterator[CommandClient]:
+    client = await CommandClient.connect(broker)
+    yield client
+    await client.close()

@@ -1,0 +1,152 @@
+"""Transfers through the running command service: completion, compensation, crash recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import TypeVar
+
+import pytest
+
+from command_service.adapters.event_store import PostgresEventStore
+from command_service.bootstrap import CommandService, build_registry, start
+from command_service.domain.account import Account
+from command_service.domain.transfer import Transfer, TransferProcess
+from command_service.service_layer.handlers import handle_command
+from command_service.service_layer.process_managers import ProcessManagerRunner
+from shared.client import CommandClient, envelope_for
+from shared.ledger import CreditFromTransfer, FreezeAccount, OpenAccount, RequestTransfer
+from shared.settings import CommandServiceSettings
+
+pytestmark = pytest.mark.integration
+
+
+A = TypeVar("A", Account, Transfer)
+
+
+async def load(store: PostgresEventStore, cls: type[A], id_: uuid.UUID) -> A:
+    registry = build_registry()
+    history = await store.load_stream(id_)
+    return cls.rehydrate(
+        id_, [registry.event_from_stored(e.type, e.schema_version, e.data) for e in history]
+    )
+
+
+async def settled(store: PostgresEventStore, transfer_id: uuid.UUID) -> Transfer:
+    async with asyncio.timeout(15):
+        while True:
+            transfer = await load(store, Transfer, transfer_id)
+            if transfer.status in ("completed", "failed"):
+                return transfer
+            await asyncio.sleep(0.05)
+
+
+async def open_account(client: CommandClient, balance: int, currency: str = "EUR") -> uuid.UUID:
+    account = uuid.uuid4()
+    reply = await client.send_command(
+        OpenAccount(owner_id="o", currency=currency, initial_deposit=balance), account
+    )
+    assert reply.status == "accepted"
+    return account
+
+
+async def test_transfer_moves_money_and_completes(
+    command_service: CommandService, client: CommandClient, store: PostgresEventStore
+) -> None:
+    a, b = await open_account(client, 100), await open_account(client, 5)
+    transfer_id = uuid.uuid4()
+    reply = await client.send_command(
+        RequestTransfer(from_account_id=a, to_account_id=b, amount=30), transfer_id
+    )
+    assert reply.status == "accepted"
+    assert (await settled(store, transfer_id)).status == "completed"
+    source, target = await load(store, Account, a), await load(store, Account, b)
+    assert (source.balance, target.balance) == (70, 35)
+    assert source.pending_debits == set()
+
+
+@pytest.mark.parametrize("obstacle", ["frozen", "currency"])
+async def test_refused_credit_refunds_the_source_and_fails(
+    obstacle: str,
+    command_service: CommandService,
+    client: CommandClient,
+    store: PostgresEventStore,
+) -> None:
+    a = await open_account(client, 100)
+    b = await open_account(client, 0, currency="USD" if obstacle == "currency" else "EUR")
+    if obstacle == "frozen":
+        assert (await client.send_command(FreezeAccount(), b)).status == "accepted"
+    transfer_id = uuid.uuid4()
+    await client.send_command(
+        RequestTransfer(from_account_id=a, to_account_id=b, amount=40), transfer_id
+    )
+    transfer = await settled(store, transfer_id)
+    assert transfer.status == "failed"
+    source, target = await load(store, Account, a), await load(store, Account, b)
+    assert (source.balance, target.balance) == (100, 0)
+    assert source.pending_debits == set()
+    types = [e.type for e in await store.load_stream(a)]
+    assert types[-2:] == ["MoneyDebitedForTransfer", "TransferDebitRefunded"]
+
+
+async def test_transfer_beyond_balance_fails_without_moving_money(
+    command_service: CommandService, client: CommandClient, store: PostgresEventStore
+) -> None:
+    a, b = await open_account(client, 10), await open_account(client, 0)
+    transfer_id = uuid.uuid4()
+    await client.send_command(
+        RequestTransfer(from_account_id=a, to_account_id=b, amount=11), transfer_id
+    )
+    assert (await settled(store, transfer_id)).status == "failed"
+    assert [len(await store.load_stream(x)) for x in (a, b)] == [2, 1]
+
+
+async def test_internal_steps_are_refused_from_the_broker(
+    command_service: CommandService, client: CommandClient, store: PostgresEventStore
+) -> None:
+    a = await open_account(client, 0)
+    reply = await client.send_command(
+        CreditFromTransfer(
+            transfer_id=uuid.uuid4(), amount=10**6, currency="EUR", from_account_id=a
+        ),
+        a,
+    )
+    assert reply.status == "rejected"
+    assert reply.error is not None and reply.error.code == "unknown_command_type"
+    assert (await load(store, Account, a)).balance == 0
+
+
+async def test_a_transfer_that_died_half_way_is_finished_after_restart(
+    command_settings: CommandServiceSettings, store: PostgresEventStore
+) -> None:
+    """The process manager crashed after debiting, before crediting or saving progress."""
+    service = await start(command_settings)
+    async with await CommandClient.connect(command_settings.amqp_url) as client:
+        a, b = await open_account(client, 100), await open_account(client, 0)
+    await service.stop()
+
+    transfer_id = uuid.uuid4()
+    registry = build_registry()
+    await handle_command(
+        envelope_for(RequestTransfer(from_account_id=a, to_account_id=b, amount=25), transfer_id),
+        store=store,
+        registry=registry,
+        concurrency_retries=3,
+    )
+    # Run only the first reaction (the debit), as a process manager that then died would have.
+    requested = [e for e in await store.read_all(0, 100) if e.type == "TransferRequested"]
+    runner = ProcessManagerRunner(
+        TransferProcess(), store=store, registry=registry, concurrency_retries=3
+    )
+    await runner(requested)
+    assert (await load(store, Account, a)).balance == 75
+
+    service = await start(command_settings)  # a replica picks it up from the checkpoint
+    try:
+        assert (await settled(store, transfer_id)).status == "completed"
+    finally:
+        await service.stop()
+    source, target = await load(store, Account, a), await load(store, Account, b)
+    assert (source.balance, target.balance) == (75, 25)
+    debits = [e for e in await store.load_stream(a) if e.type == "MoneyDebitedForTransfer"]
+    assert len(debits) == 1

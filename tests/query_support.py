@@ -1,0 +1,101 @@
+"""Helpers for the query service's tests: account event envelopes and polling."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+from uuid import UUID, uuid4
+
+import aio_pika
+from aio_pika.abc import AbstractExchange
+
+from shared.ledger import ACCOUNT, AccountOpened, MoneyDeposited
+from shared.messages import Event, EventEnvelope, EventMetadata
+from shared.topology import AGGREGATE_ID_HEADER
+
+T = TypeVar("T")
+
+# Global positions only need to grow within a test; a shared counter keeps them unique.
+_positions = itertools.count(1)
+_BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def next_position() -> int:
+    return next(_positions)
+
+
+def envelope(
+    aggregate_id: UUID,
+    version: int,
+    event: Event,
+    *,
+    position: int | None = None,
+    aggregate_type: str = ACCOUNT,
+    event_type: str | None = None,
+) -> EventEnvelope:
+    """An envelope as the command service's relay would publish it."""
+    return EventEnvelope(
+        event_id=uuid4(),
+        type=event_type or event.type_name(),
+        aggregate_type=aggregate_type,
+        aggregate_id=aggregate_id,
+        version=version,
+        position=position if position is not None else next_position(),
+        # Whole milliseconds, as MongoDB stores them, so read-back values compare equal.
+        recorded_at=_BASE_TIME + timedelta(seconds=version),
+        data=event.model_dump(mode="json"),
+        metadata=EventMetadata(correlation_id=f"corr-{uuid4()}", causation_id=str(uuid4())),
+    )
+
+
+def opened_account(
+    account_id: UUID, *, owner_id: str = "alice", currency: str = "EUR", deposit: int = 0
+) -> list[EventEnvelope]:
+    """The events of `OpenAccount`: the opening, then the initial deposit as version 2."""
+    events = [envelope(account_id, 1, AccountOpened(owner_id=owner_id, currency=currency))]
+    if deposit:
+        events.append(envelope(account_id, 2, MoneyDeposited(amount=deposit)))
+    return events
+
+
+def relay_message(event: EventEnvelope, *, body: bytes | None = None) -> aio_pika.Message:
+    """The AMQP message the relay publishes for `event`."""
+    return aio_pika.Message(
+        body=event.model_dump_json().encode() if body is None else body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=str(event.event_id),
+        type=event.type,
+        correlation_id=event.metadata.correlation_id,
+        headers={
+            AGGREGATE_ID_HEADER: str(event.aggregate_id),
+            "version": event.version,
+            "position": event.position,
+        },
+    )
+
+
+async def publish(exchange: AbstractExchange, event: EventEnvelope) -> None:
+    await exchange.publish(relay_message(event), routing_key=event.routing_key)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    accept: Callable[[T], bool],
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.05,
+) -> T:
+    """Poll `probe` until `accept` holds for its value; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if accept(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s; last value: {value!r}")
+        await asyncio.sleep(interval)

@@ -1,0 +1,79 @@
+"""An in-memory `EventStore` for unit tests of the service layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from uuid import UUID
+
+from command_service.adapters.event_store import (
+    ConcurrencyError,
+    DuplicateCommandError,
+    NewEvent,
+    StoredEvent,
+)
+from shared.messages import Reply
+
+
+class FakeEventStore:
+    """Keeps streams and command replies in dicts; can simulate a writer that races ahead."""
+
+    def __init__(self) -> None:
+        self.events: list[StoredEvent] = []
+        self.replies: dict[UUID, Reply] = {}
+        self.conflicts_to_inject = 0
+
+    async def load_stream(self, stream_id: UUID) -> list[StoredEvent]:
+        return [e for e in self.events if e.stream_id == stream_id]
+
+    async def find_reply(self, command_id: UUID) -> Reply | None:
+        return self.replies.get(command_id)
+
+    async def append(
+        self,
+        *,
+        stream_id: UUID,
+        aggregate_type: str,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        command_id: UUID,
+        correlation_id: str | None,
+    ) -> Reply:
+        if self.conflicts_to_inject:
+            self.conflicts_to_inject -= 1
+            raise ConcurrencyError("injected")
+        if command_id in self.replies:
+            raise DuplicateCommandError(self.replies[command_id])
+        current = len(await self.load_stream(stream_id))
+        if current != expected_version:
+            raise ConcurrencyError(f"at {current}")
+        for i, event in enumerate(events):
+            self.events.append(
+                StoredEvent(
+                    position=len(self.events) + 1,
+                    event_id=event.event_id,
+                    stream_id=stream_id,
+                    aggregate_type=aggregate_type,
+                    version=expected_version + 1 + i,
+                    type=event.type,
+                    schema_version=event.schema_version,
+                    data=event.data,
+                    metadata={"correlation_id": correlation_id, "causation_id": str(command_id)},
+                    recorded_at=datetime.now(UTC),
+                )
+            )
+        reply = Reply(
+            command_id=command_id,
+            status="accepted",
+            aggregate_id=stream_id,
+            version=expected_version + len(events),
+            position=len(self.events),
+        )
+        self.replies[command_id] = reply
+        return reply
+
+    async def record_rejection(self, reply: Reply) -> Reply:
+        return self.replies.setdefault(reply.command_id, reply)
+
+    async def read_all(self, after: int, limit: int) -> list[StoredEvent]:
+        return [e for e in self.events if e.position > after][:limit]

@@ -1,0 +1,327 @@
+"""The projector consumer's ack policy and per-aggregate ordering, with fake messages."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from typing import Any, cast
+from uuid import UUID, uuid4
+
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from pymongo.errors import AutoReconnect
+
+from query_service.entrypoints.lanes import AggregateLanes
+from query_service.entrypoints.projector import (
+    ProjectorConsumer,
+    RetryPolicy,
+    UnreadableMessage,
+    parse_envelope,
+)
+from query_service.service_layer.projector import Outcome, Projected, Rejected
+from shared.ledger import MoneyDeposited
+from shared.messages import EventEnvelope
+from shared.topology import AGGREGATE_ID_HEADER
+from tests.query_support import envelope
+
+FAST_RETRIES = RetryPolicy(attempts=3, initial_seconds=0.001, max_seconds=0.001)
+
+
+@dataclass
+class FakeMessage:
+    body: bytes
+    headers: dict[str, Any] = field(default_factory=dict)
+    correlation_id: str | None = None
+    message_id: str | None = None
+    routing_key: str | None = "account.MoneyDeposited"
+    exchange: str | None = "cqrs.events"
+    settled: list[str] = field(default_factory=list)
+
+    async def ack(self, multiple: bool = False) -> None:
+        self.settled.append("ack")
+
+    async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
+        self.settled.append("requeue" if requeue else "nack")
+
+
+@dataclass
+class FakeParker:
+    parked: list[tuple[FakeMessage, str]] = field(default_factory=list)
+
+    async def park(self, message: AbstractIncomingMessage, reason: str) -> None:
+        self.parked.append((cast(FakeMessage, message), reason))
+
+
+def message_for(event: EventEnvelope, *, body: bytes | None = None) -> FakeMessage:
+    return FakeMessage(
+        body=event.model_dump_json().encode() if body is None else body,
+        headers={AGGREGATE_ID_HEADER: str(event.aggregate_id)},
+        correlation_id=event.metadata.correlation_id,
+        message_id=str(event.event_id),
+    )
+
+
+def deposits(account: UUID, versions: range) -> list[EventEnvelope]:
+    return [envelope(account, version, MoneyDeposited(amount=1)) for version in versions]
+
+
+async def deliver(consumer: ProjectorConsumer, *messages: FakeMessage) -> None:
+    """Deliver like aio-pika: one task per message, started in delivery order."""
+    await asyncio.gather(
+        *(consumer.on_message(cast(AbstractIncomingMessage, message)) for message in messages)
+    )
+
+
+class TestParseEnvelope:
+    def test_reads_a_relay_body(self) -> None:
+        event = envelope(uuid4(), 2, MoneyDeposited(amount=5))
+        body = event.model_dump_json().encode()
+        assert parse_envelope(body, {AGGREGATE_ID_HEADER: str(event.aggregate_id)}) == event
+
+    def test_names_malformed_json(self) -> None:
+        with pytest.raises(UnreadableMessage, match=r"^malformed JSON"):
+            parse_envelope(b'{"event_id": ')
+
+    def test_names_the_missing_envelope_fields(self) -> None:
+        with pytest.raises(UnreadableMessage, match=r"^invalid event envelope: event_id: Field"):
+            parse_envelope(b'{"type": "MoneyDeposited"}')
+
+    def test_refuses_an_oversized_body(self) -> None:
+        with pytest.raises(UnreadableMessage, match="exceeds the limit of 10"):
+            parse_envelope(b"x" * 11, max_bytes=10)
+
+    def test_refuses_a_partition_header_that_contradicts_the_body(self) -> None:
+        event = envelope(uuid4(), 2, MoneyDeposited(amount=5))
+        with pytest.raises(UnreadableMessage, match="does not match"):
+            parse_envelope(event.model_dump_json().encode(), {AGGREGATE_ID_HEADER: str(uuid4())})
+
+
+async def test_lanes_run_one_key_in_join_order_and_other_keys_alongside() -> None:
+    lanes = AggregateLanes()
+    log: list[str] = []
+
+    async def work(key: str, label: str, delay: float) -> None:
+        previous, turn = lanes.join(key)
+        if previous is not None:
+            await previous.wait()
+        log.append(f"start {label}")
+        await asyncio.sleep(delay)
+        log.append(f"end {label}")
+        lanes.leave(key, turn)
+
+    await asyncio.gather(work("a", "a1", 0.03), work("a", "a2", 0), work("b", "b1", 0.01))
+
+    assert log.index("end a1") < log.index("start a2")
+    assert log.index("start b1") < log.index("end a1")
+    assert len(lanes) == 0
+
+
+async def test_projects_one_aggregate_in_delivery_order_despite_concurrency() -> None:
+    account, other = uuid4(), uuid4()
+    seen: list[tuple[UUID, int]] = []
+
+    async def handler(event: EventEnvelope) -> Outcome:
+        # Random latency: without lanes, later versions would overtake earlier ones.
+        await asyncio.sleep(random.uniform(0, 0.01))
+        seen.append((event.aggregate_id, event.version))
+        return Projected(applied=("fake",), duplicates=())
+
+    consumer = ProjectorConsumer(handler=handler, parker=FakeParker(), retry_policy=FAST_RETRIES)
+    messages = [
+        message_for(event)
+        for pair in zip(deposits(account, range(1, 21)), deposits(other, range(1, 21)), strict=True)
+        for event in pair
+    ]
+
+    await deliver(consumer, *messages)
+
+    assert [version for aggregate, version in seen if aggregate == account] == list(range(1, 21))
+    assert [version for aggregate, version in seen if aggregate == other] == list(range(1, 21))
+    assert all(message.settled == ["ack"] for message in messages)
+
+
+async def test_parks_unreadable_messages_and_acks_them_without_projecting() -> None:
+    calls: list[EventEnvelope] = []
+
+    async def handler(event: EventEnvelope) -> Outcome:
+        calls.append(event)
+        return Projected(applied=("fake",), duplicates=())
+
+    parker = FakeParker()
+    consumer = ProjectorConsumer(handler=handler, parker=parker, retry_policy=FAST_RETRIES)
+    bad = FakeMessage(body=b"not json at all")
+
+    await deliver(consumer, bad)
+
+    assert calls == []
+    assert [(message, reason.split(":")[0]) for message, reason in parker.parked] == [
+        (bad, "malformed JSON")
+    ]
+    assert bad.settled == ["ack"]
+
+
+async def test_parks_a_rejected_event_with_the_reason() -> None:
+    async def handler(event: EventEnvelope) -> Outcome:
+        return Rejected("version gap in projection fake")
+
+    parker = FakeParker()
+    consumer = ProjectorConsumer(handler=handler, parker=parker, retry_policy=FAST_RETRIES)
+    message = message_for(envelope(uuid4(), 3, MoneyDeposited(amount=1)))
+
+    await deliver(consumer, message)
+
+    assert parker.parked == [(message, "version gap in projection fake")]
+    assert message.settled == ["ack"]
+
+
+async def test_retries_transient_errors_then_requeues_the_event_and_its_successors() -> None:
+    account = uuid4()
+    calls: list[int] = []
+
+    async def handler(event: EventEnvelope) -> Outcome:
+        calls.append(event.version)
+        raise AutoReconnect("primary stepped down")
+
+    parker = FakeParker()
+    consumer = ProjectorConsumer(handler=handler, parker=parker, retry_policy=FAST_RETRIES)
+    first, second = (message_for(event) for event in deposits(account, range(2, 4)))
+
+    await deliver(consumer, first, second)
+
+    assert calls == [2] * FAST_RETRIES.attempts  # the successor is never tried ahead of it
+    assert first.settled == ["requeue"]
+    assert second.settled == ["requeue"]
+    assert parker.parked == []
+
+
+def test_lanes_hold_back_only_what_arrived_before_the_requeue() -> None:
+    lanes = AggregateLanes()
+    _, first = lanes.join("a")
+    _, second = lanes.join("a")
+    lanes.hold_back("a")
+    _, redelivered = lanes.join("a")
+
+    assert lanes.must_requeue("a", first)
+    assert lanes.must_requeue("a", second)
+    assert not lanes.must_requeue("a", redelivered)
+    for turn in (first, second, redelivered):
+        lanes.leave("a", turn)
+    assert len(lanes) == 0
+
+
+async def test_requeued_events_come_back_in_order_without_bouncing_forever() -> None:
+    """A fake broker redelivers every requeued message at once, as RabbitMQ does."""
+    account = uuid4()
+    failures = iter([AutoReconnect("blip")] * FAST_RETRIES.attempts)
+    projected: list[int] = []
+    consumer: ProjectorConsumer
+    redeliveries: list[asyncio.Task[None]] = []
+
+    async def handler(event: EventEnvelope) -> Outcome:
+        if event.version == 2:
+            error = next(failures, None)
+            if error is not None:
+                raise error
+        await asyncio.sleep(0.001)
+        projected.append(event.version)
+        return Projected(applied=("fake",), duplicates=())
+
+    class BrokerMessage(FakeMessage):
+        async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
+            await super().nack(multiple, requeue)
+            if len(redeliveries) < 100:
+                again = BrokerMessage(body=self.body, headers=self.headers)
+                redeliveries.append(
+                    asyncio.create_task(consumer.on_message(cast(AbstractIncomingMessage, again)))
+                )
+
+    consumer = ProjectorConsumer(handler=handler, parker=FakeParker(), retry_policy=FAST_RETRIES)
+    first_deliveries = [
+        BrokerMessage(body=event.model_dump_json().encode())
+        for event in deposits(account, range(2, 7))
+    ]
+
+    await deliver(consumer, *first_deliveries)
+    while not all(task.done() for task in redeliveries):
+        await asyncio.gather(*redeliveries)
+
+    assert projected == [2, 3, 4, 5, 6]
+    assert len(redeliveries) == 5  # each message handed back exactly once
+
+
+async def test_a_transient_error_that_clears_is_acked() -> None:
+    failures = iter([AutoReconnect("blip")])
+
+    async def handler(event: EventEnvelope) -> Outcome:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return Projected(applied=("fake",), duplicates=())
+
+    consumer = ProjectorConsumer(handler=handler, parker=FakeParker(), retry_policy=FAST_RETRIES)
+    message = message_for(envelope(uuid4(), 1, MoneyDeposited(amount=1)))
+
+    await deliver(consumer, message)
+
+    assert message.settled == ["ack"]
+
+
+async def test_an_unexpected_error_parks_the_event_and_the_consumer_goes_on() -> None:
+    account = uuid4()
+
+    async def handler(event: EventEnvelope) -> Outcome:
+        if event.version == 2:
+            raise KeyError("bug")
+        return Projected(applied=("fake",), duplicates=())
+
+    parker = FakeParker()
+    consumer = ProjectorConsumer(handler=handler, parker=parker, retry_policy=FAST_RETRIES)
+    broken, fine = (message_for(event) for event in deposits(account, range(2, 4)))
+
+    await deliver(consumer, broken, fine)
+
+    assert [reason for _, reason in parker.parked] == ["projection failed: KeyError: 'bug'"]
+    assert broken.settled == ["ack"]
+    assert fine.settled == ["ack"]
+
+
+async def test_stop_lets_the_message_in_hand_finish() -> None:
+    started = asyncio.Event()
+
+    async def handler(event: EventEnvelope) -> Outcome:
+        started.set()
+        await asyncio.sleep(0.05)
+        return Projected(applied=("fake",), duplicates=())
+
+    consumer = ProjectorConsumer(handler=handler, parker=FakeParker(), retry_policy=FAST_RETRIES)
+    message = message_for(envelope(uuid4(), 1, MoneyDeposited(amount=1)))
+    delivery = asyncio.create_task(deliver(consumer, message))
+    await started.wait()
+
+    await consumer.stop(grace_seconds=5)
+
+    assert message.settled == ["ack"]
+    assert consumer.in_flight == 0
+    await delivery
+
+
+async def test_stop_cancels_what_outlives_the_grace_period_unsettled() -> None:
+    started = asyncio.Event()
+
+    async def handler(event: EventEnvelope) -> Outcome:
+        started.set()
+        await asyncio.sleep(10)
+        return Projected(applied=("fake",), duplicates=())
+
+    consumer = ProjectorConsumer(handler=handler, parker=FakeParker(), retry_policy=FAST_RETRIES)
+    message = message_for(envelope(uuid4(), 1, MoneyDeposited(amount=1)))
+    delivery = asyncio.create_task(deliver(consumer, message))
+    await started.wait()
+
+    await consumer.stop(grace_seconds=0.01)
+
+    # Unsettled: closing the channel hands it back to the broker.
+    assert message.settled == []
+    with pytest.raises(asyncio.CancelledError):
+        await delivery

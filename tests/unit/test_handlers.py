@@ -1,0 +1,105 @@
+"""The service layer's command handling, against the in-memory event store."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from pydantic import ValidationError
+
+from command_service.bootstrap import build_registry
+from command_service.service_layer.handlers import handle_command
+from command_service.service_layer.registry import UnknownCommandError
+from shared.client import envelope_for
+from shared.ledger import DepositMoney, OpenAccount, WithdrawMoney
+from shared.messages import CommandEnvelope, Reply
+from tests.unit.fakes import FakeEventStore
+
+
+async def run(store: FakeEventStore, envelope: CommandEnvelope, retries: int = 3) -> Reply:
+    return await handle_command(
+        envelope, store=store, registry=build_registry(), concurrency_retries=retries
+    )
+
+
+@pytest.fixture
+def store() -> FakeEventStore:
+    return FakeEventStore()
+
+
+async def open_account(store: FakeEventStore, balance: int = 0) -> uuid.UUID:
+    account = uuid.uuid4()
+    reply = await run(
+        store,
+        envelope_for(OpenAccount(owner_id="o", currency="EUR", initial_deposit=balance), account),
+    )
+    assert reply.status == "accepted"
+    return account
+
+
+async def test_accepted_reply_carries_version_and_position(store: FakeEventStore) -> None:
+    account = await open_account(store, balance=100)
+    reply = await run(store, envelope_for(DepositMoney(amount=5), account))
+    assert (reply.status, reply.version, reply.position) == ("accepted", 3, 3)
+
+
+async def test_resent_command_appends_nothing_and_answers_duplicate(
+    store: FakeEventStore,
+) -> None:
+    account = await open_account(store)
+    envelope = envelope_for(DepositMoney(amount=5), account)
+    first = await run(store, envelope)
+    again = await run(store, envelope)
+    assert again.status == "duplicate"
+    assert (again.version, again.position) == (first.version, first.position)
+    assert len(store.events) == 2
+
+
+async def test_resent_rejected_command_gets_the_same_rejection(store: FakeEventStore) -> None:
+    account = await open_account(store)
+    envelope = envelope_for(WithdrawMoney(amount=5), account)
+    first = await run(store, envelope)
+    store.events.append(store.events[0])  # any later change must not alter the stored answer
+    again = await run(store, envelope)
+    assert first.error is not None and first.error.code == "insufficient_funds"
+    assert again.status == "duplicate" and again.error == first.error
+
+
+async def test_rejects_stale_expected_version(store: FakeEventStore) -> None:
+    account = await open_account(store, balance=10)
+    reply = await run(store, envelope_for(DepositMoney(amount=1), account, expected_version=1))
+    assert reply.status == "rejected"
+    assert reply.error is not None and reply.error.code == "concurrency_conflict"
+
+
+async def test_accepts_matching_expected_version(store: FakeEventStore) -> None:
+    account = await open_account(store, balance=10)
+    reply = await run(store, envelope_for(DepositMoney(amount=1), account, expected_version=2))
+    assert (reply.status, reply.version) == ("accepted", 3)
+
+
+async def test_lost_race_is_retried_against_fresh_state(store: FakeEventStore) -> None:
+    account = await open_account(store)
+    store.conflicts_to_inject = 2
+    reply = await run(store, envelope_for(DepositMoney(amount=1), account), retries=3)
+    assert reply.status == "accepted"
+
+
+async def test_gives_up_after_bounded_retries(store: FakeEventStore) -> None:
+    account = await open_account(store)
+    store.conflicts_to_inject = 10
+    reply = await run(store, envelope_for(DepositMoney(amount=1), account), retries=2)
+    assert reply.error is not None and reply.error.code == "concurrency_conflict"
+    assert store.conflicts_to_inject == 7  # three attempts, no more
+
+
+async def test_unknown_type_and_bad_payload_raise(store: FakeEventStore) -> None:
+    account = uuid.uuid4()
+    with pytest.raises(UnknownCommandError):
+        await run(store, CommandEnvelope(type="Teleport", aggregate_id=account))
+    with pytest.raises(ValidationError):
+        await run(
+            store,
+            CommandEnvelope(type="DepositMoney", aggregate_id=account, payload={"amount": -1}),
+        )
+    assert store.events == []
