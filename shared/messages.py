@@ -100,3 +100,26 @@ class Reply(Message):
     version: int | None = None
     position: int | None = None
     error: ReplyError | None = None
+
+
+class ReplayRequest(Message):
+    """Asks the command service to stream stored events into `reply_queue`.
+
+    Events with `after_position < position <= up_to_position` (default: the newest position when
+    the replay starts), optionally only of some aggregate types, in global position order.
+    """
+
+    request_id: UUID = Field(default_factory=uuid4)
+    reply_queue: str = Field(min_length=1, max_length=255)
+    after_position: int = Field(default=0, ge=0)
+    up_to_position: int | None = Field(default=None, ge=0)
+    aggregate_types: list[str] | None = None
+
+
+class ReplayProgress(Message):
+    """Body of the `ReplayStarted` and `ReplayFinished` messages that frame a replay."""
+
+    request_id: UUID
+    total: int
+    after_position: int
+    up_to_position: int
