@@ -20,6 +20,7 @@ from command_service.domain.account import Account
 from command_service.domain.process import ProcessManager
 from command_service.domain.transfer import Transfer, TransferProcess
 from command_service.entrypoints.commands import CommandConsumer
+from command_service.entrypoints.replay import ReplayServer
 from command_service.service_layer.process_managers import ProcessManagerRunner
 from command_service.service_layer.registry import CommandRegistry
 from shared.settings import CommandServiceSettings
@@ -107,6 +108,16 @@ async def start(settings: CommandServiceSettings) -> CommandService:
         )
         for process in build_process_managers()
     ]
+    replay_channel = await amqp.channel(publisher_confirms=True)
+    await replay_channel.set_qos(prefetch_count=1)
+    replay_queue = await broker.declare_replay_queue(replay_channel)
+    await replay_queue.consume(
+        ReplayServer(
+            pool=pool,
+            exchange=replay_channel.default_exchange,
+            batch_size=settings.relay_batch_size,
+        )
+    )
     service = CommandService(settings, pool, amqp, consumer, [relay, *process_managers])
     service.tasks = [asyncio.create_task(s.run(), name=s.name) for s in service.subscriptions]
     consumer.start(queues)

@@ -136,6 +136,7 @@ async def reset_broker(amqp_url: str) -> None:
         queues = [
             topology.COMMAND_DEAD_LETTER_QUEUE,
             topology.PROJECTOR_PARKED_QUEUE,
+            topology.REPLAY_REQUESTS_QUEUE,
         ]
         queues += [topology.command_partition_queue(i) for i in range(MAX_TEST_PARTITIONS)]
         queues += [topology.projector_partition_queue(i) for i in range(MAX_TEST_PARTITIONS)]

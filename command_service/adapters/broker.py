@@ -58,6 +58,10 @@ async def declare_command_topology(
     return queues
 
 
+async def declare_replay_queue(channel: AbstractChannel) -> AbstractQueue:
+    return await channel.declare_queue(topology.REPLAY_REQUESTS_QUEUE, durable=True)
+
+
 async def declare_events_exchange(channel: AbstractChannel) -> AbstractExchange:
     return await channel.declare_exchange(
         topology.EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True

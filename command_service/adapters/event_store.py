@@ -297,12 +297,43 @@ class PostgresEventStore:
 
 
 async def read_all(
-    connection: Connection | asyncpg.Pool, after: int, limit: int
+    connection: Connection | asyncpg.Pool,
+    after: int,
+    limit: int,
+    *,
+    up_to: int | None = None,
+    aggregate_types: Sequence[str] | None = None,
 ) -> list[StoredEvent]:
-    """Events after a global position, in position order (which is commit order)."""
+    """Events after a global position (up to `up_to`), in position order = commit order."""
     rows = await connection.fetch(
-        f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+        f"""SELECT {_COLUMNS} FROM events
+            WHERE position > $1 AND ($3::bigint IS NULL OR position <= $3)
+              AND ($4::text[] IS NULL OR aggregate_type = ANY($4))
+            ORDER BY position LIMIT $2""",
         after,
         limit,
+        up_to,
+        aggregate_types,
     )
     return [_stored(row) for row in rows]
+
+
+async def count_range(
+    connection: Connection | asyncpg.Pool,
+    after: int,
+    up_to: int,
+    aggregate_types: Sequence[str] | None = None,
+) -> int:
+    count = await connection.fetchval(
+        """SELECT count(*) FROM events WHERE position > $1 AND position <= $2
+             AND ($3::text[] IS NULL OR aggregate_type = ANY($3))""",
+        after,
+        up_to,
+        aggregate_types,
+    )
+    return int(count)
+
+
+async def last_position(connection: Connection | asyncpg.Pool) -> int:
+    """The newest committed position (0 for an empty store)."""
+    return int(await connection.fetchval("SELECT last FROM event_position") or 0)
