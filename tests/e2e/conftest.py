@@ -98,3 +98,77 @@ def stop(pair: Pair) -> Iterator[tuple[str, int]]:
         process.send_signal(signal.SIGTERM)
     for name, process in pair.processes.items():
         yield name, process.wait(timeout=30)
+
+
+@dataclass
+class CommandReplicas:
+    """Command-service processes started by a test; killed at teardown if still running."""
+
+    env: dict[str, str]
+    folder: Path
+    processes: list[subprocess.Popen[bytes]]
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        with (self.folder / f"command_service_{len(self.processes)}.log").open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "command_service"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.processes.append(process)
+        return process
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text()[-2000:] for p in sorted(self.folder.glob("*.log")))
+
+    async def wait_consuming(self, consumers: int, timeout: float = 30.0) -> None:
+        """Until every command partition has `consumers` consumers."""
+        partitions = int(self.env["CQRS_COMMAND_PARTITIONS"])
+        async with asyncio.timeout(timeout):
+            while True:
+                for process in self.processes:
+                    if process.returncode is None and process.poll() is not None:
+                        raise AssertionError(f"a command service exited:\n{self.logs()}")
+                if (
+                    await _consumer_counts(self.env["CQRS_AMQP_URL"], partitions)
+                    == [consumers] * partitions
+                ):
+                    return
+                await asyncio.sleep(0.2)
+
+
+async def _consumer_counts(amqp_url: str, partitions: int) -> list[int]:
+    connection = await aio_pika.connect(amqp_url)
+    counts = []
+    try:
+        for index in range(partitions):
+            channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(
+                    topology.command_partition_queue(index), passive=True
+                )
+                counts.append(queue.declaration_result.consumer_count or 0)
+            except aio_pika.exceptions.ChannelClosed:
+                counts.append(0)
+    finally:
+        await connection.close()
+    return counts
+
+
+@pytest.fixture
+def command_replicas(broker: str, pg_dsn: str, tmp_path: Path) -> Iterator[CommandReplicas]:
+    env = {
+        **os.environ,
+        "CQRS_AMQP_URL": broker,
+        "CQRS_POSTGRES_DSN": pg_dsn,
+        "CQRS_COMMAND_PARTITIONS": "6",
+        "CQRS_RELAY_POLL_SECONDS": "0.2",
+        "CQRS_LOG_JSON": "true",
+    }
+    replicas = CommandReplicas(env, tmp_path, [])
+    yield replicas
+    for process in replicas.processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
