@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -21,6 +22,7 @@ from command_service.domain.process import ProcessManager
 from command_service.domain.transfer import Transfer, TransferProcess
 from command_service.entrypoints.commands import CommandConsumer
 from command_service.entrypoints.replay import ReplayServer
+from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.process_managers import ProcessManagerRunner
 from command_service.service_layer.registry import CommandRegistry
 from shared.settings import CommandServiceSettings
@@ -76,15 +78,20 @@ async def start(settings: CommandServiceSettings) -> CommandService:
     confirmed = await amqp.channel(publisher_confirms=True)
     replies = await amqp.channel(publisher_confirms=False)
     relay_channel = await amqp.channel(publisher_confirms=True)
-    store = PostgresEventStore(pool)
     registry = build_registry()
+    handle = functools.partial(
+        handle_command,
+        store=PostgresEventStore(pool),
+        registry=registry,
+        concurrency_retries=settings.concurrency_retries,
+        snapshot_every=settings.snapshot_every,
+    )
     consumer = CommandConsumer(
-        store=store,
+        handle=handle,
         registry=registry,
         replies=replies.default_exchange,
         dead_letters=await broker.declare_dead_letter_exchange(confirmed),
         max_message_bytes=settings.max_message_bytes,
-        concurrency_retries=settings.concurrency_retries,
     )
     relay = Subscription(
         name=RELAY_SUBSCRIPTION,
@@ -97,12 +104,7 @@ async def start(settings: CommandServiceSettings) -> CommandService:
         Subscription(
             name=process.name,
             dsn=settings.postgres_dsn,
-            handler=ProcessManagerRunner(
-                process,
-                store=store,
-                registry=registry,
-                concurrency_retries=settings.concurrency_retries,
-            ),
+            handler=ProcessManagerRunner(process, handle=handle, registry=registry),
             batch_size=settings.relay_batch_size,
             poll_seconds=settings.relay_poll_seconds,
         )

@@ -30,6 +30,7 @@ class CommandServiceSettings(CommonSettings):
     command_partitions: int = Field(default=4, ge=1, le=256)
     max_message_bytes: int = Field(default=65_536, ge=256)
     concurrency_retries: int = Field(default=5, ge=0, le=100)
+    snapshot_every: int = Field(default=100, ge=0, description="0 disables snapshots")
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     relay_poll_seconds: float = Field(default=1.0, gt=0)
 

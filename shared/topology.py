@@ -38,6 +38,7 @@ def projector_partition_queue(index: int) -> str:
 def routing_key(aggregate_type: str, message_type: str) -> str:
     return f"{aggregate_type}.{message_type}"
 
+
 # Replays for read-model rebuilds: the query service sends a `ReplayRequest` to this queue (via
 # the default exchange); a command-service replica streams the stored events, in position order,
 # into the request's `reply_queue`, framed by `ReplayStarted` and `ReplayFinished` messages.

@@ -90,10 +90,27 @@ class StoredEvent:
         )
 
 
-class EventStore(Protocol):
-    """Append-only storage of event streams, with the command log."""
+@dataclass(frozen=True)
+class Snapshot:
+    """An aggregate's state at `version`, in the aggregate's snapshot `schema_version`."""
 
-    async def load_stream(self, stream_id: UUID) -> list[StoredEvent]: ...
+    stream_id: UUID
+    aggregate_type: str
+    version: int
+    schema_version: int
+    state: dict[str, Any]
+
+
+class EventStore(Protocol):
+    """Append-only storage of event streams, with the command log and snapshots."""
+
+    async def load_stream(self, stream_id: UUID, after_version: int = 0) -> list[StoredEvent]: ...
+
+    async def load_snapshot(self, stream_id: UUID) -> Snapshot | None: ...
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep `snapshot` unless a newer one is stored already."""
+        ...
 
     async def find_reply(self, command_id: UUID) -> Reply | None: ...
 
@@ -172,12 +189,40 @@ class PostgresEventStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def load_stream(self, stream_id: UUID) -> list[StoredEvent]:
+    async def load_stream(self, stream_id: UUID, after_version: int = 0) -> list[StoredEvent]:
         async with translate_driver_errors():
             rows = await self._pool.fetch(
-                f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version", stream_id
+                f"""SELECT {_COLUMNS} FROM events WHERE stream_id = $1 AND version > $2
+                    ORDER BY version""",
+                stream_id,
+                after_version,
             )
         return [_stored(row) for row in rows]
+
+    async def load_snapshot(self, stream_id: UUID) -> Snapshot | None:
+        async with translate_driver_errors():
+            row = await self._pool.fetchrow(
+                """SELECT stream_id, aggregate_type, version, schema_version, state
+                   FROM snapshots WHERE stream_id = $1""",
+                stream_id,
+            )
+        return None if row is None else Snapshot(**dict(row.items()))
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        async with translate_driver_errors():
+            await self._pool.execute(
+                """INSERT INTO snapshots (stream_id, aggregate_type, version, schema_version, state)
+                   VALUES ($1, $2, $3, $4, $5)
+                   ON CONFLICT (stream_id) DO UPDATE
+                   SET version = excluded.version, schema_version = excluded.schema_version,
+                       state = excluded.state, recorded_at = now()
+                   WHERE snapshots.version < excluded.version""",
+                snapshot.stream_id,
+                snapshot.aggregate_type,
+                snapshot.version,
+                snapshot.schema_version,
+                snapshot.state,
+            )
 
     async def find_reply(self, command_id: UUID) -> Reply | None:
         async with translate_driver_errors():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from command_service.domain.aggregate import Aggregate, DomainError
@@ -60,6 +60,7 @@ class Account(Aggregate):
         TransferDebitRefunded,
         TransferDebitSettled,
     )
+    snapshot_schema = 1
 
     def __init__(self, aggregate_id: UUID) -> None:
         super().__init__(aggregate_id)
@@ -68,6 +69,22 @@ class Account(Aggregate):
         self.currency = ""
         self.balance = 0
         self.pending_debits: set[UUID] = set()
+
+    def snapshot_state(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "owner_id": self.owner_id,
+            "currency": self.currency,
+            "balance": self.balance,
+            "pending_debits": sorted(str(t) for t in self.pending_debits),
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self.status = state["status"]
+        self.owner_id = state["owner_id"]
+        self.currency = state["currency"]
+        self.balance = state["balance"]
+        self.pending_debits = {UUID(t) for t in state["pending_debits"]}
 
     def apply(self, event: Event) -> None:
         match event:

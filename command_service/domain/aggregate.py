@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 from uuid import UUID
 
 from shared.messages import Command, Event
@@ -32,6 +32,9 @@ class Aggregate(ABC):
     commands: ClassVar[tuple[type[Command], ...]]
     internal_commands: ClassVar[tuple[type[Command], ...]] = ()
     events: ClassVar[tuple[type[Event], ...]]
+    # Set to a version number to allow snapshots (and implement the two methods below); bump
+    # it when the state's shape changes, and older snapshots are ignored.
+    snapshot_schema: ClassVar[int | None] = None
 
     def __init__(self, aggregate_id: UUID) -> None:
         self.id = aggregate_id
@@ -44,6 +47,21 @@ class Aggregate(ABC):
             aggregate.apply(event)
             aggregate.version += 1
         return aggregate
+
+    @classmethod
+    def from_snapshot(cls, aggregate_id: UUID, version: int, state: dict[str, Any]) -> Self:
+        aggregate = cls(aggregate_id)
+        aggregate.restore_state(state)
+        aggregate.version = version
+        return aggregate
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """The state as JSON-ready data, for aggregates that set `snapshot_schema`."""
+        raise NotImplementedError
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """The reverse of `snapshot_state`."""
+        raise NotImplementedError
 
     @abstractmethod
     def apply(self, event: Event) -> None:

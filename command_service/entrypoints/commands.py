@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from command_service.adapters.broker import dead_letter_message, reply_message
-from command_service.adapters.event_store import EventStore, EventStoreUnavailableError
-from command_service.service_layer.handlers import handle_command
+from command_service.adapters.event_store import EventStoreUnavailableError
+from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry, UnknownCommandError
 from shared.messages import CommandEnvelope, Reply, ReplyError
 
@@ -57,20 +57,18 @@ class CommandConsumer:
     def __init__(
         self,
         *,
-        store: EventStore,
+        handle: HandleCommand,
         registry: CommandRegistry,
         replies: AbstractExchange,
         dead_letters: AbstractExchange,
         max_message_bytes: int,
-        concurrency_retries: int,
         transient_retry_seconds: float = 30.0,
     ) -> None:
-        self._store = store
+        self._handle_command = handle
         self._registry = registry
         self._replies = replies
         self._dead_letters = dead_letters
         self._max_message_bytes = max_message_bytes
-        self._concurrency_retries = concurrency_retries
         self._transient_retry_seconds = transient_retry_seconds
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -176,12 +174,7 @@ class CommandConsumer:
         )
         async for attempt in retrying:
             with attempt:
-                return await handle_command(
-                    envelope,
-                    store=self._store,
-                    registry=self._registry,
-                    concurrency_retries=self._concurrency_retries,
-                )
+                return await self._handle_command(envelope)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     async def _dead_letter(self, message: AbstractIncomingMessage, error: BadCommandError) -> None:

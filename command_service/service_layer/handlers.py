@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import structlog
 
 from command_service.adapters.event_store import (
@@ -12,9 +14,16 @@ from command_service.adapters.event_store import (
 )
 from command_service.domain.aggregate import DomainError
 from command_service.service_layer.registry import CommandRegistry
+from command_service.service_layer.repository import AggregateRepository
 from shared.messages import CommandEnvelope, Reply, ReplyError
 
 log = structlog.get_logger(__name__)
+
+
+class HandleCommand(Protocol):
+    """`handle_command` with its dependencies bound, as the entrypoints receive it."""
+
+    async def __call__(self, envelope: CommandEnvelope, *, internal: bool = False) -> Reply: ...
 
 
 def _as_duplicate(reply: Reply) -> Reply:
@@ -28,6 +37,7 @@ async def handle_command(
     registry: CommandRegistry,
     concurrency_retries: int,
     internal: bool = False,
+    snapshot_every: int = 0,
 ) -> Reply:
     """Decide the command against the aggregate's current state and store the outcome.
 
@@ -39,12 +49,9 @@ async def handle_command(
     stored = await store.find_reply(envelope.command_id)
     if stored is not None:
         return _as_duplicate(stored)
+    repository = AggregateRepository(store, registry, snapshot_every)
     for attempt in range(concurrency_retries + 1):
-        history = await store.load_stream(envelope.aggregate_id)
-        aggregate = aggregate_class.rehydrate(
-            envelope.aggregate_id,
-            (registry.event_from_stored(e.type, e.schema_version, e.data) for e in history),
-        )
+        aggregate = await repository.load(aggregate_class, envelope.aggregate_id)
         if envelope.expected_version is not None and envelope.expected_version != aggregate.version:
             return await _reject(
                 envelope,
@@ -60,7 +67,7 @@ async def handle_command(
         if not events:
             return await _reject(envelope, store, "no_change", "the command changes nothing")
         try:
-            return await store.append(
+            reply = await store.append(
                 stream_id=envelope.aggregate_id,
                 aggregate_type=aggregate_class.aggregate_type,
                 expected_version=aggregate.version,
@@ -68,6 +75,8 @@ async def handle_command(
                 command_id=envelope.command_id,
                 correlation_id=envelope.metadata.correlation_id,
             )
+            await repository.appended(aggregate, events)
+            return reply
         except DuplicateCommandError as e:
             return _as_duplicate(e.reply)
         except ConcurrencyError:

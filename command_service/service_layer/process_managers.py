@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import structlog
 
-from command_service.adapters.event_store import EventStore, StoredEvent
+from command_service.adapters.event_store import StoredEvent
 from command_service.adapters.subscription import RetryLaterError
 from command_service.domain.process import IssuedCommand, ProcessManager
-from command_service.service_layer.handlers import handle_command
+from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry
 from shared.messages import CommandEnvelope, CommandMetadata
 
@@ -26,14 +26,12 @@ class ProcessManagerRunner:
         self,
         process: ProcessManager,
         *,
-        store: EventStore,
+        handle: HandleCommand,
         registry: CommandRegistry,
-        concurrency_retries: int,
     ) -> None:
         self.process = process
-        self._store = store
+        self._handle_command = handle
         self._registry = registry
-        self._concurrency_retries = concurrency_retries
         self._event_types = {event.type_name() for event in process.events}
         self.issued = 0
 
@@ -60,13 +58,7 @@ class ProcessManagerRunner:
             payload=step.command.model_dump(mode="json"),
             metadata=metadata,
         )
-        reply = await handle_command(
-            envelope,
-            store=self._store,
-            registry=self._registry,
-            concurrency_retries=self._concurrency_retries,
-            internal=True,
-        )
+        reply = await self._handle_command(envelope, internal=True)
         self.issued += 1
         log.info(
             "process_step",

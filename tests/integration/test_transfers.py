@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from typing import TypeVar
 
@@ -135,9 +136,10 @@ async def test_a_transfer_that_died_half_way_is_finished_after_restart(
     )
     # Run only the first reaction (the debit), as a process manager that then died would have.
     requested = [e for e in await store.read_all(0, 100) if e.type == "TransferRequested"]
-    runner = ProcessManagerRunner(
-        TransferProcess(), store=store, registry=registry, concurrency_retries=3
+    handle = functools.partial(
+        handle_command, store=store, registry=registry, concurrency_retries=3
     )
+    runner = ProcessManagerRunner(TransferProcess(), handle=handle, registry=registry)
     await runner(requested)
     assert (await load(store, Account, a)).balance == 75
 

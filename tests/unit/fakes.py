@@ -10,6 +10,7 @@ from command_service.adapters.event_store import (
     ConcurrencyError,
     DuplicateCommandError,
     NewEvent,
+    Snapshot,
     StoredEvent,
 )
 from shared.messages import Reply
@@ -22,9 +23,18 @@ class FakeEventStore:
         self.events: list[StoredEvent] = []
         self.replies: dict[UUID, Reply] = {}
         self.conflicts_to_inject = 0
+        self.snapshots: dict[UUID, Snapshot] = {}
 
-    async def load_stream(self, stream_id: UUID) -> list[StoredEvent]:
-        return [e for e in self.events if e.stream_id == stream_id]
+    async def load_stream(self, stream_id: UUID, after_version: int = 0) -> list[StoredEvent]:
+        return [e for e in self.events if e.stream_id == stream_id and e.version > after_version]
+
+    async def load_snapshot(self, stream_id: UUID) -> Snapshot | None:
+        return self.snapshots.get(stream_id)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        stored = self.snapshots.get(snapshot.stream_id)
+        if stored is None or stored.version < snapshot.version:
+            self.snapshots[snapshot.stream_id] = snapshot
 
     async def find_reply(self, command_id: UUID) -> Reply | None:
         return self.replies.get(command_id)
