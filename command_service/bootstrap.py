@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 import aio_pika
 import asyncpg
 import structlog
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 
 from command_service.adapters import broker
 from command_service.adapters.event_store import PostgresEventStore, create_pool
 from command_service.adapters.migrations import migrate
+from command_service.adapters.partition_leases import PartitionLeases
 from command_service.adapters.relay import RELAY_SUBSCRIPTION, EventPublisher
 from command_service.adapters.subscription import Subscription
 from command_service.domain.account import Account
@@ -53,17 +54,22 @@ class CommandService:
     consumer: CommandConsumer
     subscriptions: list[Subscription]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    leases: PartitionLeases | None = None
 
     async def stop(self) -> None:
-        await self.consumer.stop()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.consumer.stop()
         await self.connection.close()
         await self.pool.close()
         log.info("command_service_stopped")
+
+
+async def _start_partition(consumer: CommandConsumer, queue: AbstractQueue) -> None:
+    consumer.start_partition(queue)
 
 
 async def start(settings: CommandServiceSettings) -> CommandService:
@@ -122,6 +128,13 @@ async def start(settings: CommandServiceSettings) -> CommandService:
     )
     service = CommandService(settings, pool, amqp, consumer, [relay, *process_managers])
     service.tasks = [asyncio.create_task(s.run(), name=s.name) for s in service.subscriptions]
-    consumer.start(queues)
+    leases = PartitionLeases(
+        dsn=settings.postgres_dsn,
+        partitions=len(queues),
+        acquire=lambda index: _start_partition(consumer, queues[index]),
+        release=lambda index: consumer.stop_partition(queues[index].name),
+    )
+    service.leases = leases
+    service.tasks.append(asyncio.create_task(leases.run(), name="partition-leases"))
     log.info("command_service_started", partitions=settings.command_partitions)
     return service

@@ -70,42 +70,56 @@ class CommandConsumer:
         self._dead_letters = dead_letters
         self._max_message_bytes = max_message_bytes
         self._transient_retry_seconds = transient_retry_seconds
-        self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._partitions: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self.handled = 0
 
-    def start(self, queues: list[AbstractQueue]) -> None:
-        for queue in queues:
-            self._tasks.append(asyncio.create_task(self._consume(queue), name=queue.name))
+    def start_partition(self, queue: AbstractQueue) -> None:
+        """Consume one partition queue, one message at a time."""
+        stop = asyncio.Event()
+        task = asyncio.create_task(self._consume(queue, stop), name=queue.name)
+        self._partitions[queue.name] = (stop, task)
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking messages, let each partition finish the one it holds, then return.
+    async def stop_partition(self, name: str, timeout: float = 10.0) -> None:
+        """Stop consuming a partition after the message in hand is finished.
 
-        Messages delivered but not yet processed are requeued by the broker when the channel
-        closes, since they were never acked.
+        Messages delivered but not yet processed go back to the queue (they were never acked),
+        so whoever consumes the partition next sees them first, in order.
         """
-        self._stopping.set()
-        _, pending = await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else ((), ())
-        for task in pending:
+        entry = self._partitions.pop(name, None)
+        if entry is None:
+            return
+        stop, task = entry
+        stop.set()
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
             task.cancel()
-        for task in pending:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _consume(self, queue: AbstractQueue) -> None:
-        stop = asyncio.create_task(self._stopping.wait())
-        async with queue.iterator() as messages:
-            iterator = aiter(messages)
-            while not self._stopping.is_set():
-                receive = asyncio.ensure_future(anext(iterator))
-                await asyncio.wait({receive, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if not receive.done():
-                    receive.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await receive
-                    break
-                await self.process(receive.result())
-        stop.cancel()
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop every partition."""
+        await asyncio.gather(*(self.stop_partition(n, timeout) for n in list(self._partitions)))
+
+    @property
+    def partitions(self) -> list[str]:
+        return sorted(self._partitions)
+
+    async def _consume(self, queue: AbstractQueue, stop: asyncio.Event) -> None:
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            async with queue.iterator() as messages:
+                iterator = aiter(messages)
+                while not stop.is_set():
+                    receive = asyncio.ensure_future(anext(iterator))
+                    await asyncio.wait({receive, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    if not receive.done():
+                        receive.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                            await receive
+                        break
+                    await self.process(receive.result())
+        finally:
+            stopped.cancel()
 
     async def process(self, message: AbstractIncomingMessage) -> None:
         """Handle one delivery to its end: acked, dead-lettered or requeued."""

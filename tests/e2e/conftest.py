@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aio_pika
+import asyncpg
 import httpx
 import pytest
 
+from command_service.adapters.partition_leases import LOCK_SPACE
 from shared import topology
 from tests.conftest import Services
 
@@ -122,20 +124,45 @@ class CommandReplicas:
     def logs(self) -> str:
         return "\n".join(p.read_text()[-2000:] for p in sorted(self.folder.glob("*.log")))
 
-    async def wait_consuming(self, consumers: int, timeout: float = 30.0) -> None:
-        """Until every command partition has `consumers` consumers."""
+    async def wait_balanced(self, replicas: int, timeout: float = 30.0) -> list[int]:
+        """Until `replicas` replicas share the partitions evenly and each has one consumer.
+
+        Returns how many partitions each replica holds, largest first.
+        """
         partitions = int(self.env["CQRS_COMMAND_PARTITIONS"])
+        fair = -(-partitions // replicas)
         async with asyncio.timeout(timeout):
             while True:
                 for process in self.processes:
                     if process.returncode is None and process.poll() is not None:
                         raise AssertionError(f"a command service exited:\n{self.logs()}")
+                shares = await partition_shares(self.env["CQRS_POSTGRES_DSN"])
+                consumers = await _consumer_counts(self.env["CQRS_AMQP_URL"], partitions)
                 if (
-                    await _consumer_counts(self.env["CQRS_AMQP_URL"], partitions)
-                    == [consumers] * partitions
+                    len(shares) == replicas
+                    and sum(shares) == partitions
+                    and max(shares) <= fair
+                    and consumers == [1] * partitions
                 ):
-                    return
+                    return shares
                 await asyncio.sleep(0.2)
+
+
+async def partition_shares(dsn: str) -> list[int]:
+    """Partitions held by each replica (by its lease connection), largest first."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        rows = await connection.fetch(
+            """SELECT pid, count(*) AS held FROM pg_locks
+               WHERE locktype = 'advisory' AND granted AND classid = $1 AND objid > 0
+                 AND objsubid = 2 AND mode = 'ExclusiveLock'
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               GROUP BY pid ORDER BY held DESC""",
+            LOCK_SPACE,
+        )
+    finally:
+        await connection.close()
+    return [int(row["held"]) for row in rows]
 
 
 async def _consumer_counts(amqp_url: str, partitions: int) -> list[int]:

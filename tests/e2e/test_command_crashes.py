@@ -61,7 +61,7 @@ async def test_events_committed_before_a_sigkill_are_published_exactly_once_afte
     # Hold the relay's leadership lock: the service commits events but cannot publish them.
     await holder.execute("SELECT pg_advisory_lock(hashtext('cqrs.sub.relay'))")
     replica = command_replicas.spawn()
-    await command_replicas.wait_consuming(1)
+    await command_replicas.wait_balanced(1)
     async with await CommandClient.connect(broker) as client:
         replies = await asyncio.gather(
             *(
@@ -91,10 +91,10 @@ async def test_three_replicas_keep_each_aggregates_command_order_through_a_crash
 ) -> None:
     """A deposit followed at once by a withdrawal of the same amount is never refused."""
     first = command_replicas.spawn()
-    await command_replicas.wait_consuming(1)
+    await command_replicas.wait_balanced(1)
     for _ in range(2):
         command_replicas.spawn()
-    await command_replicas.wait_consuming(3)
+    assert await command_replicas.wait_balanced(3) == [2, 2, 2]
     accounts = [uuid.uuid4() for _ in range(200)]
     async with await CommandClient.connect(broker) as client:
         opened = await asyncio.gather(
@@ -114,8 +114,10 @@ async def test_three_replicas_keep_each_aggregates_command_order_through_a_crash
 
         pairs = asyncio.gather(*(deposit_then_withdraw(a) for a in accounts))
         await asyncio.sleep(0.3)
-        first.send_signal(signal.SIGKILL)  # the replica that was active on every partition
+        first.send_signal(signal.SIGKILL)  # its partitions pass to the other two
+        first.wait()
         results = await pairs
+    assert await command_replicas.wait_balanced(2) == [3, 3]
     statuses = [(d.status, w.status, w.error) for d, w in results]
     refused = [s for s in statuses if s[1] == "rejected"]
     assert refused == []

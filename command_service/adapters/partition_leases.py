@@ -1,0 +1,101 @@
+"""Sharing the command partitions among the running replicas, through PostgreSQL.
+
+Every replica holds a shared advisory lock (its membership) and an exclusive advisory lock on
+each partition it consumes. Once a second it counts the members and moves towards its fair
+share, ceil(P / members): it releases extra partitions (first stopping their consumers and
+finishing the message in hand, so the next owner starts strictly after it) or takes free ones.
+A replica that dies loses its connection and with it its locks, so the others take its
+partitions over. The queues' single-active-consumer setting stays on as a second guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import structlog
+
+from command_service.adapters.subscription import RECOVERABLE_ERRORS
+
+log = structlog.get_logger(__name__)
+
+LOCK_SPACE = 0x63717273  # "cqrs": the first key of every lock here
+MEMBERSHIP = 0  # second key of the membership lock; partition i uses i + 1
+
+PartitionHook = Callable[[int], Awaitable[None]]
+
+_MEMBERS = """
+    SELECT count(*) FROM pg_locks
+    WHERE locktype = 'advisory' AND granted AND classid = $1 AND objid = $2 AND objsubid = 2
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+class PartitionLeases:
+    """Decides which partitions this replica consumes; calls `acquire`/`release` as that changes."""
+
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        partitions: int,
+        acquire: PartitionHook,
+        release: PartitionHook,
+        interval_seconds: float = 1.0,
+    ) -> None:
+        self._dsn = dsn
+        self._partitions = partitions
+        self._acquire = acquire
+        self._release = release
+        self._interval = interval_seconds
+        self.owned: set[int] = set()
+
+    async def run(self) -> None:
+        """Keep a fair share of the partitions until cancelled, through database outages."""
+        while True:
+            try:
+                await self._hold()
+            except RECOVERABLE_ERRORS as e:
+                log.warning("partition_leases_lost", error=repr(e))
+                await asyncio.sleep(self._interval)
+
+    async def _hold(self) -> None:
+        connection = await asyncpg.connect(self._dsn)
+        try:
+            await connection.execute(
+                "SELECT pg_advisory_lock_shared($1, $2)", LOCK_SPACE, MEMBERSHIP
+            )
+            while True:
+                await self._rebalance(connection)
+                await asyncio.sleep(self._interval)
+        finally:
+            # Stop consuming before the locks go (with the connection), so that the next
+            # owner starts after the last message handled here.
+            for partition in sorted(self.owned):
+                await self._release(partition)
+            self.owned.clear()
+            with contextlib.suppress(*RECOVERABLE_ERRORS):
+                await connection.close(timeout=2)
+
+    async def _rebalance(self, connection: asyncpg.Connection) -> None:
+        members = int(await connection.fetchval(_MEMBERS, LOCK_SPACE, MEMBERSHIP))
+        share = math.ceil(self._partitions / max(members, 1))
+        for partition in sorted(self.owned, reverse=True)[: max(len(self.owned) - share, 0)]:
+            await self._release(partition)  # consumer stopped before the lock is let go
+            await connection.execute("SELECT pg_advisory_unlock($1, $2)", LOCK_SPACE, partition + 1)
+            self.owned.discard(partition)
+            log.info("partition_released", partition=partition, members=members)
+        for partition in range(self._partitions):
+            if len(self.owned) >= share:
+                break
+            if partition in self.owned:
+                continue
+            if await connection.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", LOCK_SPACE, partition + 1
+            ):
+                self.owned.add(partition)
+                await self._acquire(partition)
+                log.info("partition_acquired", partition=partition, members=members)
