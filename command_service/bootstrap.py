@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 
 from command_service.adapters import broker
 from command_service.adapters.event_store import PostgresEventStore, create_pool
-from command_service.adapters.migrations import migrate
+from command_service.adapters.migrations import migrate_schema
 from command_service.adapters.partition_leases import PartitionLeases
 from command_service.adapters.relay import RELAY_SUBSCRIPTION, EventPublisher
 from command_service.adapters.subscription import Subscription
@@ -74,9 +74,8 @@ async def _start_partition(consumer: CommandConsumer, queue: AbstractQueue) -> N
 
 async def start(settings: CommandServiceSettings) -> CommandService:
     """Migrate the schema, declare the topology, and start consuming and relaying."""
+    await migrate_schema(settings.postgres_migration_dsn or settings.postgres_dsn)
     pool = await create_pool(settings.postgres_dsn, settings.postgres_pool_size)
-    async with pool.acquire() as connection:
-        await migrate(connection)
     amqp = await aio_pika.connect_robust(settings.amqp_url)
     consume_channel = await amqp.channel()
     await consume_channel.set_qos(prefetch_count=settings.prefetch)

@@ -26,6 +26,9 @@ class CommandServiceSettings(CommonSettings):
     """Settings of the command service."""
 
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/cqrs"
+    # Migrations run through this one when set (the schema owner), so that the service's own
+    # role needs no DDL rights.
+    postgres_migration_dsn: str | None = None
     postgres_pool_size: int = Field(default=10, ge=1, le=200)
     command_partitions: int = Field(default=4, ge=1, le=256)
     max_message_bytes: int = Field(default=65_536, ge=256)
@@ -45,3 +48,21 @@ class QueryServiceSettings(CommonSettings):
     projector_partitions: int = Field(default=4, ge=1, le=256)
     run_projector: bool = True
     run_api: bool = True
+    # An event ahead of a missing one is retried this often, this far apart, then parked.
+    projector_gap_attempts: int = Field(default=5, ge=1, le=1_000)
+    projector_gap_delay_seconds: float = Field(default=0.2, ge=0, le=60)
+    read_wait_seconds: float = Field(
+        default=5.0, ge=0, le=60, description="longest wait for min_version / min_position"
+    )
+    readyz_max_lag: int = Field(
+        default=1_000,
+        ge=0,
+        description="events waiting in the partition queues before /readyz fails",
+    )
+    rebuild_batch_size: int = Field(default=500, ge=1, le=10_000)
+    rebuild_max_rounds: int = Field(default=20, ge=1, le=1_000)
+    rebuild_start_timeout_seconds: float = Field(default=60.0, gt=0)
+    rebuild_idle_timeout_seconds: float = Field(default=60.0, gt=0)
+    rebuild_retire_seconds: float = Field(
+        default=10.0, ge=0, description="grace before the replaced generation is dropped"
+    )

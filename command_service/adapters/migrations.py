@@ -9,9 +9,10 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+import asyncpg
 import structlog
 
-from command_service.adapters.event_store import Connection
+from command_service.adapters.event_store import Connection, translate_driver_errors
 
 log = structlog.get_logger(__name__)
 
@@ -67,3 +68,13 @@ async def migrate(connection: Connection) -> list[int]:
     finally:
         await connection.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied_now
+
+
+async def migrate_schema(dsn: str) -> list[int]:
+    """Connect as `dsn` (the schema owner), migrate, disconnect."""
+    async with translate_driver_errors():
+        connection = await asyncpg.connect(dsn)
+    try:
+        return await migrate(connection)
+    finally:
+        await connection.close()

@@ -1,0 +1,78 @@
+"""The command service's PostgreSQL role can append and read, never rewrite history or schema."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from command_service.bootstrap import start
+from shared.client import CommandClient
+from shared.ledger import DepositMoney, OpenAccount
+from shared.settings import CommandServiceSettings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def service_dsn(pool: asyncpg.Pool, pg_dsn: str) -> AsyncIterator[str]:
+    """A login role that is a member of cqrs_service, on the migrated test database."""
+    role = f"cqrs_cmd_{uuid.uuid4().hex[:8]}"
+    await pool.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE cqrs_service')
+    parts = urlsplit(pg_dsn)
+    yield urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}"))
+    await pool.execute(f'DROP ROLE "{role}"')
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DROP TABLE events",
+        "DELETE FROM events",
+        "UPDATE events SET data = '{}'",
+        "TRUNCATE commands",
+        "DELETE FROM commands",
+        "ALTER TABLE events ADD COLUMN x int",
+        "CREATE TABLE intruder (id int)",
+    ],
+)
+async def test_the_service_role_cannot_rewrite_history_or_schema(
+    service_dsn: str, statement: str
+) -> None:
+    connection = await asyncpg.connect(service_dsn)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def test_the_service_runs_with_that_role_and_migrates_as_the_owner(
+    command_settings: CommandServiceSettings, service_dsn: str, pg_dsn: str
+) -> None:
+    settings = command_settings.model_copy(
+        update={
+            "postgres_dsn": service_dsn,
+            "postgres_migration_dsn": pg_dsn,
+            "snapshot_every": 2,
+        }
+    )
+    service = await start(settings)
+    try:
+        async with await CommandClient.connect(settings.amqp_url) as client:
+            account = uuid.uuid4()
+            opened = await client.send_command(
+                OpenAccount(owner_id="o", currency="EUR", initial_deposit=1), account
+            )
+            deposited = await client.send_command(DepositMoney(amount=2), account)
+        assert (opened.status, deposited.status) == ("accepted", "accepted")
+    finally:
+        await service.stop()
+    connection = await asyncpg.connect(pg_dsn)
+    try:
+        assert await connection.fetchval("SELECT count(*) FROM snapshots") == 1
+    finally:
+        await connection.close()
