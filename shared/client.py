@@ -19,6 +19,10 @@ from shared.messages import Command, CommandEnvelope, CommandMetadata, Reply
 from shared.topology import AGGREGATE_ID_HEADER, COMMANDS_EXCHANGE, routing_key
 
 
+class CommandServiceUnavailableError(ConnectionError):
+    """The broker has no commands exchange: no command service has declared its topology yet."""
+
+
 class CommandTimeoutError(TimeoutError):
     """No reply arrived within the timeout; the command may still be handled later."""
 
@@ -67,9 +71,14 @@ class CommandClient:
     async def connect(cls, amqp_url: str) -> Self:
         connection = await aio_pika.connect_robust(amqp_url)
         channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.declare_exchange(
-            COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-        )
+        try:
+            # Passive: a client needs no right to create or change the command service's topology.
+            exchange = await channel.get_exchange(COMMANDS_EXCHANGE, ensure=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity as e:
+            await connection.close()
+            raise CommandServiceUnavailableError(
+                f"exchange {COMMANDS_EXCHANGE} does not exist: has a command service started?"
+            ) from e
         reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         client = cls(connection, channel, exchange, reply_queue)
         await reply_queue.consume(client._on_reply, no_ack=True)

@@ -39,9 +39,12 @@ def routing_key(aggregate_type: str, message_type: str) -> str:
     return f"{aggregate_type}.{message_type}"
 
 
-# Replays for read-model rebuilds: the query service sends a `ReplayRequest` to this queue (via
-# the default exchange); a command-service replica streams the stored events, in position order,
-# into the request's `reply_queue`, framed by `ReplayStarted` and `ReplayFinished` messages.
+# Replays for read-model rebuilds: the query service publishes a `ReplayRequest` to the
+# `cqrs.replay` exchange with routing key `REPLAY_REQUESTS_QUEUE` (a named exchange, so that its
+# broker user needs no write access to the default exchange); a command-service replica
+# streams the stored events, in position order, into the request's `reply_queue`, framed by
+# `ReplayStarted` and `ReplayFinished` messages.
+REPLAY_EXCHANGE = "cqrs.replay"
 REPLAY_REQUESTS_QUEUE = "cqrs.replay.requests"
 REPLAY_STARTED = "ReplayStarted"
 REPLAY_FINISHED = "ReplayFinished"

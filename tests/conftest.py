@@ -147,6 +147,7 @@ async def reset_broker(amqp_url: str) -> None:
             topology.COMMAND_DEAD_LETTER_EXCHANGE,
             topology.PROJECTOR_PARTITION_EXCHANGE,
             topology.PROJECTOR_PARKED_EXCHANGE,
+            topology.REPLAY_EXCHANGE,
             topology.COMMANDS_EXCHANGE,
             topology.EVENTS_EXCHANGE,
         ):

@@ -59,7 +59,12 @@ async def declare_command_topology(
 
 
 async def declare_replay_queue(channel: AbstractChannel) -> AbstractQueue:
-    return await channel.declare_queue(topology.REPLAY_REQUESTS_QUEUE, durable=True)
+    exchange = await channel.declare_exchange(
+        topology.REPLAY_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    queue = await channel.declare_queue(topology.REPLAY_REQUESTS_QUEUE, durable=True)
+    await queue.bind(exchange, routing_key=topology.REPLAY_REQUESTS_QUEUE)
+    return queue
 
 
 async def declare_events_exchange(channel: AbstractChannel) -> AbstractExchange:

@@ -53,7 +53,7 @@ async def command_service(
 
 
 @pytest.fixture
-async def client(broker: str) -> AsyncIterator[CommandClient]:
+async def client(broker: str, command_service: CommandService) -> AsyncIterator[CommandClient]:
     client = await CommandClient.connect(broker)
     yield client
     await client.close()

@@ -33,7 +33,8 @@ async def request_replay(
     """Ask for a replay and collect the stream up to its `ReplayFinished` frame."""
     reply: AbstractQueue = await channel.declare_queue(exclusive=True)
     request = ReplayRequest.model_validate({"reply_queue": reply.name, **fields})
-    await channel.default_exchange.publish(
+    exchange = await channel.get_exchange(topology.REPLAY_EXCHANGE)
+    await exchange.publish(
         aio_pika.Message(request.model_dump_json().encode()),
         routing_key=topology.REPLAY_REQUESTS_QUEUE,
     )
