@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Self
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import aio_pika
 from aio_pika.abc import (
@@ -16,7 +16,12 @@ from aio_pika.abc import (
 )
 
 from shared.messages import Command, CommandEnvelope, CommandMetadata, Reply
-from shared.topology import AGGREGATE_ID_HEADER, COMMANDS_EXCHANGE, routing_key
+from shared.topology import (
+    AGGREGATE_ID_HEADER,
+    COMMANDS_EXCHANGE,
+    REPLY_QUEUE_PREFIX,
+    routing_key,
+)
 
 
 class CommandServiceUnavailableError(ConnectionError):
@@ -79,7 +84,9 @@ class CommandClient:
             raise CommandServiceUnavailableError(
                 f"exchange {COMMANDS_EXCHANGE} does not exist: has a command service started?"
             ) from e
-        reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        reply_queue = await channel.declare_queue(
+            f"{REPLY_QUEUE_PREFIX}{uuid4().hex}", exclusive=True, auto_delete=True
+        )
         client = cls(connection, channel, exchange, reply_queue)
         await reply_queue.consume(client._on_reply, no_ack=True)
         return client

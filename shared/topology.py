@@ -20,6 +20,8 @@ REASON_HEADER = "x-cqrs-reason"
 COMMAND_PARTITION_EXCHANGE = "cqrs.commands.partitioned"
 COMMAND_DEAD_LETTER_EXCHANGE = "cqrs.commands.dead"
 COMMAND_DEAD_LETTER_QUEUE = "cqrs.commands.dead"
+# Clients' exclusive reply queues are named with this prefix (broker users may be scoped to it).
+REPLY_QUEUE_PREFIX = "cqrs.reply."
 
 # Query service: events partitioned by aggregate id for the projector replicas.
 PROJECTOR_PARTITION_EXCHANGE = "cqrs.projector.partitioned"
