@@ -6,8 +6,6 @@ everything it opens is closed by the matching `stop`/`close`.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -18,30 +16,38 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from query_service.adapters import broker
 from query_service.adapters.mongo import (
-    ACCOUNTS_COLLECTION,
     CHECKPOINTS_COLLECTION,
+    BufferedCheckpoints,
     Document,
     MongoCheckpoints,
-    VersionedCollection,
     create_client,
 )
+from query_service.adapters.read_models import FIRST_GENERATION, ReadModelCatalog
 from query_service.entrypoints.http import create_app
 from query_service.entrypoints.projector import (
     DEFAULT_RETRY_POLICY,
     ProjectorConsumer,
+    ProjectorMetrics,
     RetryPolicy,
 )
-from query_service.projections.accounts import AccountsProjection
-from query_service.projections.base import Projection
-from query_service.service_layer.projector import DEFAULT_GAP_POLICY, GapPolicy, project
+from query_service.projections.base import BatchProjection
+from query_service.projections.ledger import build_catalog
+from query_service.service_layer.projector import GapPolicy, Projector
 from shared.settings import QueryServiceSettings
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
 
-def build_projections(database: AsyncDatabase[Document]) -> list[Projection]:
-    """The ledger's projections; add a read model by adding it here."""
-    return [AccountsProjection(VersionedCollection(database[ACCOUNTS_COLLECTION]))]
+def build_projections(database: AsyncDatabase[Document]) -> list[BatchProjection]:
+    """The ledger's projections over their first generation (tools and tests)."""
+    catalog = build_catalog(database)
+    return [catalog.projection(name, FIRST_GENERATION) for name in catalog.models]
+
+
+def gap_policy_of(settings: QueryServiceSettings) -> GapPolicy:
+    return GapPolicy(
+        attempts=settings.projector_gap_attempts, delay_seconds=settings.projector_gap_delay_seconds
+    )
 
 
 @dataclass
@@ -52,6 +58,7 @@ class ProjectorRuntime:
     channel: AbstractChannel
     consumer: ProjectorConsumer
     topology: broker.DeclaredTopology
+    checkpoints: BufferedCheckpoints
     stopped: bool = False
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
@@ -64,6 +71,7 @@ class ProjectorRuntime:
         self.stopped = True
         try:
             await self.consumer.stop(grace_seconds)
+            await self.checkpoints.close()
         finally:
             await self.connection.close()
         log.info("projector_stopped")
@@ -73,17 +81,19 @@ async def start_projector(
     settings: QueryServiceSettings,
     database: AsyncDatabase[Document],
     *,
-    projections: Sequence[Projection] | None = None,
-    gap_policy: GapPolicy = DEFAULT_GAP_POLICY,
+    catalog: ReadModelCatalog | None = None,
+    gap_policy: GapPolicy | None = None,
     retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+    metrics: ProjectorMetrics | None = None,
 ) -> ProjectorRuntime:
     """Declare the topology and start consuming every partition queue."""
-    chosen = list(projections) if projections is not None else build_projections(database)
-    handler = functools.partial(
-        project,
-        projections=chosen,
-        checkpoints=MongoCheckpoints(database[CHECKPOINTS_COLLECTION]),
-        gap_policy=gap_policy,
+    catalog = catalog if catalog is not None else build_catalog(database)
+    await catalog.ensure_current_indexes()
+    checkpoints = BufferedCheckpoints(MongoCheckpoints(database[CHECKPOINTS_COLLECTION]))
+    handler = Projector(
+        catalog,
+        checkpoints=checkpoints,
+        gap_policy=gap_policy if gap_policy is not None else gap_policy_of(settings),
     )
     connection = await broker.connect(settings.amqp_url)
     try:
@@ -97,6 +107,7 @@ async def start_projector(
             handler=handler,
             parker=broker.AmqpParker(topology.parked_exchange),
             retry_policy=retry_policy,
+            metrics=metrics,
         )
         await consumer.start(topology.partition_queues)
     except BaseException:
@@ -106,9 +117,9 @@ async def start_projector(
         "projector_started",
         partitions=settings.projector_partitions,
         prefetch=settings.prefetch,
-        projections=[projection.name for projection in chosen],
+        read_models=list(catalog.models),
     )
-    return ProjectorRuntime(connection, channel, consumer, topology)
+    return ProjectorRuntime(connection, channel, consumer, topology, checkpoints)
 
 
 @dataclass
@@ -117,6 +128,7 @@ class QueryService:
 
     settings: QueryServiceSettings
     mongo: AsyncMongoClient[Document]
+    catalog: ReadModelCatalog
     projector: ProjectorRuntime | None
     app: FastAPI | None
 
@@ -137,10 +149,18 @@ async def bootstrap(settings: QueryServiceSettings) -> QueryService:
     """Build the service: one MongoDB client shared by the projector and the API."""
     mongo = create_client(settings.mongo_url)
     database = mongo[settings.mongo_db]
+    catalog = build_catalog(database)
+    metrics = ProjectorMetrics() if settings.run_projector else None
     try:
-        projector = await start_projector(settings, database) if settings.run_projector else None
+        projector = (
+            await start_projector(settings, database, catalog=catalog, metrics=metrics)
+            if settings.run_projector
+            else None
+        )
     except BaseException:
         await mongo.close()
         raise
-    app = create_app(settings, database=database) if settings.run_api else None
-    return QueryService(settings=settings, mongo=mongo, projector=projector, app=app)
+    app = create_app(settings, catalog=catalog, metrics=metrics) if settings.run_api else None
+    return QueryService(
+        settings=settings, mongo=mongo, catalog=catalog, projector=projector, app=app
+    )

@@ -1,40 +1,255 @@
-"""The read side's queries: plain functions over the read-model collections."""
+"""The read side's queries: plain functions over the current generation of each read model.
+
+Every function takes validated, typed values (UUIDs, constrained strings, integers) and builds
+its MongoDB filter from them as plain values, so no caller input can become a query operator.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict
-from pymongo.asynchronous.database import AsyncDatabase
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from query_service.adapters.mongo import ACCOUNTS_COLLECTION, Document
+from query_service.adapters.read_models import ReadModelCatalog
+from query_service.projections import accounts, owners, transactions, transfers
+
+AccountStatus = Literal["open", "frozen", "closed"]
 
 
-class AccountView(BaseModel):
-    """An account as the read model holds it and the API shows it."""
-
+class View(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class AccountView(View):
+    """An account as the read model holds it and the API shows it."""
 
     id: UUID
     owner_id: str
     currency: str
     balance: int
-    status: Literal["open", "frozen", "closed"]
-    version: int
+    status: AccountStatus
+    version: int = Field(description="the account's event version this reflects")
+    last_position: int = Field(description="global position of the last event reflected")
     opened_at: datetime
     updated_at: datetime
+
+
+class AccountPage(View):
+    items: list[AccountView]
+    next_cursor: str | None = Field(
+        description="pass as `cursor` for the next page; null at the end"
+    )
+
+
+class TransactionView(View):
+    version: int
+    position: int
+    kind: transactions.TransactionKind
+    amount: int = Field(description="signed: credits positive, debits negative")
+    balance_after: int
+    transfer_id: UUID | None = None
+    counterparty_account_id: UUID | None = None
+    code: str | None = None
+    reason: str | None = None
+    recorded_at: datetime
+
+
+class TransactionPage(View):
+    account_id: UUID
+    version: int = Field(description="the account's event version the history reflects")
+    last_position: int
+    items: list[TransactionView]
+    next_cursor: str | None
+
+
+class OwnerAccountView(View):
+    id: UUID
+    currency: str
+    balance: int
+    status: AccountStatus
+    version: int
+    last_position: int
+    opened_at: datetime
+
+
+class CurrencyTotal(View):
+    currency: str
+    balance: int
+    accounts: int = Field(description="accounts in this currency, whatever their status")
+
+
+class OwnerSummaryView(View):
+    owner_id: str
+    accounts: list[OwnerAccountView]
+    totals: list[CurrencyTotal]
+    updated_at: datetime | None = None
+
+
+class TransferFailure(View):
+    code: str
+    reason: str
+
+
+class TransferView(View):
+    id: UUID
+    status: Literal["pending", "completed", "failed"]
+    from_account_id: UUID
+    to_account_id: UUID
+    amount: int
+    failure: TransferFailure | None = None
+    version: int
+    last_position: int
+    requested_at: datetime
+    updated_at: datetime
+
+
+# --- cursors: opaque to clients, strictly validated when they come back ---------------------
+
+
+class InvalidCursorError(ValueError):
+    """A cursor that this API did not hand out."""
+
+
+class _Cursor(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class AccountsCursor(_Cursor):
+    after: UUID
+
+
+class TransactionsCursor(_Cursor):
+    before: int = Field(ge=2)
+
+
+C = TypeVar("C", bound=_Cursor)
+
+
+def encode_cursor(cursor: _Cursor) -> str:
+    raw = json.dumps(cursor.model_dump(mode="json"), separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(token: str, model: type[C]) -> C:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        return model.model_validate_json(raw, strict=False)
+    except (binascii.Error, ValueError, ValidationError) as e:
+        raise InvalidCursorError("invalid cursor: pass back a next_cursor this API returned") from e
+
+
+# --- queries ---------------------------------------------------------------------------------
 
 
 _ACCOUNT_FIELDS: dict[str, int] = {"_id": 0} | {name: 1 for name in AccountView.model_fields}
 
 
-async def account_detail(
-    account_id: UUID, *, database: AsyncDatabase[Document]
-) -> AccountView | None:
+async def account_detail(account_id: UUID, *, catalog: ReadModelCatalog) -> AccountView | None:
     """The account with this id, or `None` when the read model does not know it (yet)."""
-    found = await database[ACCOUNTS_COLLECTION].find_one(
-        {"_id": str(account_id)}, projection=_ACCOUNT_FIELDS
-    )
+    collection = await catalog.collection(accounts.NAME)
+    found = await collection.find_one({"_id": str(account_id)}, projection=_ACCOUNT_FIELDS)
     return None if found is None else AccountView.model_validate(found)
+
+
+async def list_accounts(
+    *,
+    catalog: ReadModelCatalog,
+    owner_id: str | None = None,
+    status: AccountStatus | None = None,
+    currency: str | None = None,
+    limit: int = 50,
+    cursor: AccountsCursor | None = None,
+) -> AccountPage:
+    """Accounts matching every given filter, in account-id order, `limit` at a time."""
+    query: dict[str, Any] = {}
+    if owner_id is not None:
+        query["owner_id"] = str(owner_id)
+    if status is not None:
+        query["status"] = str(status)
+    if currency is not None:
+        query["currency"] = str(currency)
+    if cursor is not None:
+        query["_id"] = {"$gt": str(cursor.after)}
+    collection = await catalog.collection(accounts.NAME)
+    found = (
+        await collection.find(query, projection=_ACCOUNT_FIELDS)
+        .sort("_id", 1)
+        .limit(limit + 1)
+        .to_list()
+    )
+    items = [AccountView.model_validate(document) for document in found[:limit]]
+    next_cursor = encode_cursor(AccountsCursor(after=items[-1].id)) if len(found) > limit else None
+    return AccountPage(items=items, next_cursor=next_cursor)
+
+
+async def transaction_head(account_id: UUID, *, catalog: ReadModelCatalog) -> Any:
+    heads = await catalog.collection(transactions.NAME, transactions.HEADS)
+    return await heads.find_one({"_id": str(account_id)})
+
+
+async def account_transactions(
+    account_id: UUID,
+    *,
+    catalog: ReadModelCatalog,
+    head: dict[str, Any],
+    limit: int = 50,
+    cursor: TransactionsCursor | None = None,
+) -> TransactionPage:
+    """One page of the account's history, newest first, as of `head` (its head document).
+
+    Entries beyond the head's version may already be written; they are left out so the page
+    matches the version it reports.
+    """
+    version = int(head["version"])
+    below = version + 1 if cursor is None else min(cursor.before, version + 1)
+    entries = await catalog.collection(transactions.NAME, transactions.ENTRIES)
+    found = (
+        await entries.find({"account_id": str(account_id), "version": {"$lt": below}})
+        .sort("version", -1)
+        .limit(limit + 1)
+        .to_list()
+    )
+    items = [TransactionView.model_validate(document) for document in found[:limit]]
+    more = len(found) > limit
+    return TransactionPage(
+        account_id=account_id,
+        version=version,
+        last_position=int(head["last_position"]),
+        items=items,
+        next_cursor=encode_cursor(TransactionsCursor(before=items[-1].version)) if more else None,
+    )
+
+
+async def owner_document(owner_id: str, *, catalog: ReadModelCatalog) -> dict[str, Any] | None:
+    collection = await catalog.collection(owners.NAME)
+    return await collection.find_one({"_id": str(owner_id)})
+
+
+def owner_summary(document: dict[str, Any]) -> OwnerSummaryView:
+    account_views = [
+        OwnerAccountView.model_validate({"id": account_id, **entry})
+        for account_id, entry in sorted(document.get("accounts", {}).items())
+    ]
+    totals = [
+        CurrencyTotal(
+            currency=currency, balance=int(total["balance"]), accounts=int(total["accounts"])
+        )
+        for currency, total in sorted(document.get("totals", {}).items())
+    ]
+    return OwnerSummaryView(
+        owner_id=str(document["owner_id"]),
+        accounts=account_views,
+        totals=totals,
+        updated_at=document.get("updated_at"),
+    )
+
+
+async def transfer_status(transfer_id: UUID, *, catalog: ReadModelCatalog) -> TransferView | None:
+    collection = await catalog.collection(transfers.NAME)
+    found = await collection.find_one({"_id": str(transfer_id)})
+    return None if found is None else TransferView.model_validate(found)

@@ -19,6 +19,14 @@ from shared.topology import AGGREGATE_ID_HEADER
 
 T = TypeVar("T")
 
+# The first generation of each read model's collections, where a fresh database starts.
+ACCOUNTS = "accounts_v1"
+TRANSACTIONS = "transactions_v1"
+TRANSACTION_HEADS = "transaction_heads_v1"
+OWNER_SUMMARIES = "owner_summaries_v1"
+OWNER_SUMMARY_ACCOUNTS = "owner_summary_accounts_v1"
+TRANSFERS = "transfers_v1"
+
 # Global positions only need to grow within a test; a shared counter keeps them unique.
 _positions = itertools.count(1)
 _BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)

@@ -12,7 +12,8 @@ each queue, so the events of one aggregate (always hashed to the same queue) sta
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,3 +186,40 @@ class AmqpParker:
             ),
             routing_key=message.routing_key or "",
         )
+
+
+class BrokerLink:
+    """One AMQP connection for probes and admin work, opened on first use, reopened if lost."""
+
+    def __init__(self, amqp_url: str, *, connect_timeout: float = 5.0) -> None:
+        self._url = amqp_url
+        self._timeout = connect_timeout
+        self._connection: AbstractRobustConnection | None = None
+        self._lock = asyncio.Lock()
+
+    async def connection(self) -> AbstractRobustConnection:
+        async with self._lock:
+            if self._connection is None or self._connection.is_closed:
+                self._connection = await asyncio.wait_for(connect(self._url), self._timeout)
+            return self._connection
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await connection.close()
+
+
+async def queue_depths(
+    connection: AbstractRobustConnection, names: Sequence[str]
+) -> dict[str, int]:
+    """Messages ready in each queue (a passive declare; a missing queue raises ChannelClosed)."""
+    channel = await connection.channel()
+    try:
+        depths = {}
+        for name in names:
+            queue = await channel.declare_queue(name, passive=True)
+            depths[name] = int(queue.declaration_result.message_count or 0)
+        return depths
+    finally:
+        if not channel.is_closed:
+            await channel.close()

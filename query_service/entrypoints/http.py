@@ -1,23 +1,133 @@
-"""The HTTP API over the read models (stateless; scale it freely)."""
+"""The HTTP API over the read models (stateless; scale it freely). OpenAPI at /docs.
+
+Every query parameter is declared in a model that forbids unknown ones and gives each a type
+(UUID, constrained string, bounded integer, enum), so bad input is a 422 naming the parameter
+and nothing a client sends reaches MongoDB as anything but a plain value.
+
+Read-your-writes: a command's reply carries the aggregate's `version` and the event's global
+`position`. `?min_version=` (and `?min_position=`) make a read wait, up to
+`CQRS_READ_WAIT_SECONDS`, until the document reflects at least that version (position) of its
+aggregate; when it does not in time the answer is 504 with `Retry-After`, never stale data.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+import structlog
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from pymongo.asynchronous.database import AsyncDatabase
 
-from query_service.adapters.mongo import TRANSIENT_ERRORS, Document, create_client
-from query_service.views import AccountView, account_detail
+from query_service.adapters import broker as amqp
+from query_service.adapters.mongo import (
+    CHECKPOINTS_COLLECTION,
+    TRANSIENT_ERRORS,
+    Document,
+    MongoCheckpoints,
+    create_client,
+)
+from query_service.adapters.read_models import ReadModelCatalog, RebuildConflictError
+from query_service.entrypoints.projector import ProjectorMetrics
+from query_service.projections.ledger import build_catalog
+from query_service.service_layer.rebuild import RebuildPolicy, RebuildProgress
+from query_service.views import (
+    AccountPage,
+    AccountsCursor,
+    AccountStatus,
+    AccountView,
+    InvalidCursorError,
+    OwnerSummaryView,
+    TransactionPage,
+    TransactionsCursor,
+    TransferView,
+    account_detail,
+    account_transactions,
+    decode_cursor,
+    list_accounts,
+    owner_document,
+    owner_summary,
+    transaction_head,
+    transfer_status,
+)
+from shared.ledger import Currency, OwnerId
 from shared.settings import QueryServiceSettings
+from shared.topology import PROJECTOR_PARKED_QUEUE, projector_partition_queue
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 ACCOUNT_NOT_FOUND = "account not found"
+OWNER_NOT_FOUND = "owner not found"
+TRANSFER_NOT_FOUND = "transfer not found"
 STORE_UNAVAILABLE = "read store unavailable"
+MAX_PAGE = 200
+DEFAULT_PAGE = 50
+MAX_COUNTER = 2**62
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,512}$"
+PROBE_TIMEOUT_SECONDS = 2.0
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+
+class Params(BaseModel):
+    """Query parameters: unknown ones are refused, so a typo never silently widens a query."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Freshness(Params):
+    min_version: int | None = Field(
+        default=None, ge=1, le=MAX_COUNTER, description="wait until the aggregate has this version"
+    )
+    min_position: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_COUNTER,
+        description="wait until the document reflects an event of its aggregate at or after "
+        "this global position",
+    )
+
+    @property
+    def wanted(self) -> bool:
+        return self.min_version is not None or self.min_position is not None
+
+    def met_by(self, version: int, position: int) -> bool:
+        return (self.min_version is None or version >= self.min_version) and (
+            self.min_position is None or position >= self.min_position
+        )
+
+
+class AccountListParams(Params):
+    owner_id: OwnerId | None = None
+    status: AccountStatus | None = None
+    currency: Currency | None = None
+    limit: int = Field(default=DEFAULT_PAGE, ge=1, le=MAX_PAGE)
+    cursor: str | None = Field(default=None, pattern=CURSOR_PATTERN)
+
+
+class TransactionParams(Freshness):
+    limit: int = Field(default=DEFAULT_PAGE, ge=1, le=MAX_PAGE)
+    cursor: str | None = Field(default=None, pattern=CURSOR_PATTERN)
+
+
+class SummaryParams(Freshness):
+    account_id: UUID | None = Field(
+        default=None, description="the account `min_version` / `min_position` refer to"
+    )
+
+
+# --- responses -------------------------------------------------------------------------------
 
 
 class Health(BaseModel):
@@ -32,31 +142,447 @@ class ErrorDetail(BaseModel):
     detail: str
 
 
-def get_database(request: Request) -> AsyncDatabase[Document]:
-    database: AsyncDatabase[Document] = request.app.state.database
-    return database
+class NotCaughtUp(BaseModel):
+    """504: the read model has not reached what the query asked for within the wait."""
+
+    detail: str
+    required: dict[str, int | None]
+    current: dict[str, int | None] | None
 
 
-Database = Annotated[AsyncDatabase[Document], Depends(get_database)]
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, Any]
+    detail: dict[str, Any]
+
+
+class RebuildRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    read_models: list[str] = Field(min_length=1, max_length=16, examples=[["accounts"]])
+
+
+class RebuildStarted(BaseModel):
+    rebuild_id: str
+    read_models: list[str]
+    status_url: str
+
+
+class NotCaughtUpError(Exception):
+    def __init__(self, what: str, wanted: Freshness, current: dict[str, int | None] | None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.wanted = wanted
+        self.current = current
+
+
+# --- dependencies ----------------------------------------------------------------------------
+
+
+def get_catalog(request: Request) -> ReadModelCatalog:
+    catalog: ReadModelCatalog = request.app.state.catalog
+    return catalog
+
+
+def get_settings(request: Request) -> QueryServiceSettings:
+    settings: QueryServiceSettings = request.app.state.settings
+    return settings
+
+
+Catalog = Annotated[ReadModelCatalog, Depends(get_catalog)]
+Settings = Annotated[QueryServiceSettings, Depends(get_settings)]
+
+
+async def wait_for(
+    read: Callable[[], Awaitable[T]], ready: Callable[[T], bool], *, timeout: float
+) -> tuple[T, bool]:
+    """Read until `ready` holds or `timeout` passed; returns the last value read and whether."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.01
+    while True:
+        value = await read()
+        if ready(value):
+            return value, True
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return value, False
+        await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.1)
+
+
+def _cursor(token: str | None, model: type[Any]) -> Any:
+    if token is None:
+        return None
+    try:
+        return decode_cursor(token, model)
+    except InvalidCursorError as e:
+        raise HTTPException(
+            status_code=422,
+            detail=[{"loc": ["query", "cursor"], "msg": str(e), "type": "value_error"}],
+        ) from e
+
+
+def _versioned(view: AccountView | TransferView | None) -> dict[str, int | None] | None:
+    if view is None:
+        return None
+    return {"version": view.version, "last_position": view.last_position}
+
+
+def _reached(document: dict[str, Any] | None) -> dict[str, int | None] | None:
+    if document is None:
+        return None
+    return {"version": int(document["version"]), "last_position": int(document["last_position"])}
+
 
 router = APIRouter()
+admin = APIRouter(prefix="/admin", tags=["admin"])
+
+Responses = dict[int | str, dict[str, Any]]
+NOT_FOUND: Responses = {404: {"model": ErrorDetail}, 503: {"model": ErrorDetail}}
+FRESHNESS: Responses = {**NOT_FOUND, 504: {"model": NotCaughtUp}}
+MONGO_PROBE_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *TRANSIENT_ERRORS)
+BROKER_PROBE_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *CONNECTION_EXCEPTIONS)
 
 
-@router.get(
-    "/accounts/{account_id}",
-    response_model=AccountView,
-    responses={404: {"model": ErrorDetail}, 503: {"model": ErrorDetail}},
-)
-async def get_account(account_id: UUID, database: Database) -> AccountView:
-    account = await account_detail(account_id, database=database)
+@router.get("/accounts/{account_id}", response_model=AccountView, responses=FRESHNESS)
+async def get_account(
+    account_id: UUID,
+    params: Annotated[Freshness, Query()],
+    catalog: Catalog,
+    settings: Settings,
+) -> AccountView:
+    """One account. With `min_version`/`min_position`, waits for the projection to get there."""
+
+    async def read() -> AccountView | None:
+        return await account_detail(account_id, catalog=catalog)
+
+    if not params.wanted:
+        account = await read()
+    else:
+        account, ready = await wait_for(
+            read,
+            lambda found: found is not None and params.met_by(found.version, found.last_position),
+            timeout=settings.read_wait_seconds,
+        )
+        if not ready:
+            raise NotCaughtUpError(f"account {account_id}", params, _versioned(account))
     if account is None:
         raise HTTPException(status_code=404, detail=ACCOUNT_NOT_FOUND)
     return account
 
 
+@router.get("/accounts", response_model=AccountPage, responses={503: {"model": ErrorDetail}})
+async def get_accounts(
+    params: Annotated[AccountListParams, Query()], catalog: Catalog
+) -> AccountPage:
+    """Accounts filtered by owner, status and currency, in account-id order, page by page."""
+    return await list_accounts(
+        catalog=catalog,
+        owner_id=params.owner_id,
+        status=params.status,
+        currency=params.currency,
+        limit=params.limit,
+        cursor=_cursor(params.cursor, AccountsCursor),
+    )
+
+
+@router.get(
+    "/accounts/{account_id}/transactions", response_model=TransactionPage, responses=FRESHNESS
+)
+async def get_transactions(
+    account_id: UUID,
+    params: Annotated[TransactionParams, Query()],
+    catalog: Catalog,
+    settings: Settings,
+) -> TransactionPage:
+    """The account's deposits, withdrawals and transfer legs, newest first, page by page."""
+    cursor = _cursor(params.cursor, TransactionsCursor)
+
+    async def read() -> Any:
+        return await transaction_head(account_id, catalog=catalog)
+
+    if not params.wanted:
+        head = await read()
+    else:
+        head, ready = await wait_for(
+            read,
+            lambda found: (
+                found is not None
+                and params.met_by(int(found["version"]), int(found["last_position"]))
+            ),
+            timeout=settings.read_wait_seconds,
+        )
+        if not ready:
+            raise NotCaughtUpError(f"transactions of account {account_id}", params, _reached(head))
+    if head is None:
+        raise HTTPException(status_code=404, detail=ACCOUNT_NOT_FOUND)
+    return await account_transactions(
+        account_id, catalog=catalog, head=head, limit=params.limit, cursor=cursor
+    )
+
+
+@router.get(
+    "/owners/{owner_id}/summary",
+    response_model=OwnerSummaryView,
+    responses={**FRESHNESS, 422: {"model": ErrorDetail}},
+)
+async def get_owner_summary(
+    owner_id: OwnerId,
+    params: Annotated[SummaryParams, Query()],
+    catalog: Catalog,
+    settings: Settings,
+) -> OwnerSummaryView:
+    """An owner's accounts and total balance per currency.
+
+    The summary spans several accounts, which are projected independently; to read your write,
+    name the account the command touched: `?account_id=<id>&min_version=<version>`.
+    """
+    if params.wanted and params.account_id is None:
+        raise HTTPException(
+            status_code=422,
+            detail=[
+                {
+                    "loc": ["query", "account_id"],
+                    "msg": "min_version / min_position on a summary need the account_id they "
+                    "refer to: the summary spans accounts projected independently",
+                    "type": "missing",
+                }
+            ],
+        )
+
+    async def read() -> dict[str, Any] | None:
+        return await owner_document(owner_id, catalog=catalog)
+
+    def entry(document: dict[str, Any] | None) -> dict[str, Any] | None:
+        if document is None or params.account_id is None:
+            return None
+        found: dict[str, Any] | None = document.get("accounts", {}).get(str(params.account_id))
+        return found
+
+    if not params.wanted:
+        document = await read()
+    else:
+
+        def ready(document: dict[str, Any] | None) -> bool:
+            found = entry(document)
+            return found is not None and params.met_by(
+                int(found["version"]), int(found["last_position"])
+            )
+
+        document, caught_up = await wait_for(read, ready, timeout=settings.read_wait_seconds)
+        if not caught_up:
+            raise NotCaughtUpError(
+                f"summary of owner {owner_id} (account {params.account_id})",
+                params,
+                _reached(entry(document)),
+            )
+    if document is None:
+        raise HTTPException(status_code=404, detail=OWNER_NOT_FOUND)
+    return owner_summary(document)
+
+
+@router.get("/transfers/{transfer_id}", response_model=TransferView, responses=FRESHNESS)
+async def get_transfer(
+    transfer_id: UUID,
+    params: Annotated[Freshness, Query()],
+    catalog: Catalog,
+    settings: Settings,
+) -> TransferView:
+    """A transfer's status: pending, completed or failed (with the reason)."""
+
+    async def read() -> TransferView | None:
+        return await transfer_status(transfer_id, catalog=catalog)
+
+    if not params.wanted:
+        transfer = await read()
+    else:
+        transfer, ready = await wait_for(
+            read,
+            lambda found: found is not None and params.met_by(found.version, found.last_position),
+            timeout=settings.read_wait_seconds,
+        )
+        if not ready:
+            raise NotCaughtUpError(f"transfer {transfer_id}", params, _versioned(transfer))
+    if transfer is None:
+        raise HTTPException(status_code=404, detail=TRANSFER_NOT_FOUND)
+    return transfer
+
+
 @router.get("/healthz", response_model=Health)
 async def healthz() -> Health:
+    """The process is alive (nothing else is checked)."""
     return Health()
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSONResponse:
+    """MongoDB and RabbitMQ answer, and the projection lag is under `CQRS_READYZ_MAX_LAG`."""
+    checks: dict[str, Any] = {}
+    detail: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+            await catalog.database.command("ping")
+            detail["checkpoints"] = await MongoCheckpoints(
+                catalog.database[CHECKPOINTS_COLLECTION]
+            ).all()
+            detail["read_models"] = {
+                name: {"current": state.current, "target": state.target}
+                for name, state in (await catalog.states()).items()
+            }
+        checks["mongo"] = {"ok": True}
+    except MONGO_PROBE_ERRORS as e:
+        checks["mongo"] = {"ok": False, "error": repr(e)}
+    link: amqp.BrokerLink = request.app.state.broker
+    partitions = [projector_partition_queue(i) for i in range(settings.projector_partitions)]
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+            depths = await amqp.queue_depths(
+                await link.connection(), [*partitions, PROJECTOR_PARKED_QUEUE]
+            )
+        checks["broker"] = {"ok": True}
+        lag = sum(depths[name] for name in partitions)
+        checks["lag"] = {
+            "ok": lag <= settings.readyz_max_lag,
+            "events": lag,
+            "max": settings.readyz_max_lag,
+            "partitions": {name: depths[name] for name in partitions},
+        }
+        detail["parked"] = {"queue": depths[PROJECTOR_PARKED_QUEUE]}
+    except BROKER_PROBE_ERRORS as e:
+        checks["broker"] = {"ok": False, "error": repr(e)}
+        checks["lag"] = {"ok": False, "error": "unknown without the broker"}
+        detail["parked"] = {}
+    metrics: ProjectorMetrics | None = request.app.state.metrics
+    if metrics is not None:
+        detail["parked"]["this_process"] = metrics.parked
+        detail["parked"]["last_reason"] = metrics.last_parked_reason
+        detail["projector"] = {
+            "projected": metrics.projected,
+            "duplicates": metrics.duplicates,
+            "requeued": metrics.requeued,
+        }
+    ready = all(check.get("ok") for check in checks.values())
+    body = Readiness(status="ready" if ready else "not_ready", checks=checks, detail=detail)
+    return JSONResponse(status_code=200 if ready else 503, content=body.model_dump(mode="json"))
+
+
+# --- admin -----------------------------------------------------------------------------------
+
+
+@admin.get("/read-models")
+async def get_read_models(catalog: Catalog) -> list[dict[str, Any]]:
+    """Each read model's current generation, and its rebuild progress if one ran."""
+    return [await _read_model_status(catalog, name) for name in catalog.models]
+
+
+@admin.get("/read-models/{name}", responses={404: {"model": ErrorDetail}})
+async def get_read_model(name: str, catalog: Catalog) -> dict[str, Any]:
+    """One read model's generation and rebuild progress (done/total, rate, ETA)."""
+    if name not in catalog.models:
+        raise HTTPException(status_code=404, detail=f"no read model {name!r}")
+    return await _read_model_status(catalog, name)
+
+
+async def _read_model_status(catalog: ReadModelCatalog, name: str) -> dict[str, Any]:
+    document = await catalog.registry.document(name) or {}
+    return {
+        "name": name,
+        "current": document.get("current", 1),
+        "target": document.get("target"),
+        "previous": document.get("previous"),
+        "rebuild": document.get("rebuild"),
+    }
+
+
+@admin.post(
+    "/rebuilds",
+    status_code=202,
+    response_model=RebuildStarted,
+    responses={409: {"model": ErrorDetail}, 422: {"model": ErrorDetail}},
+)
+async def post_rebuild(
+    request: Request, catalog: Catalog, body: Annotated[RebuildRequest, Body()]
+) -> RebuildStarted:
+    """Rebuild read models from a replay of the event store, without stopping queries.
+
+    Progress: `GET /admin/read-models/{name}`; the switch happens when the new generation has
+    caught up with the live stream.
+    """
+    unknown = sorted(set(body.read_models) - set(catalog.models))
+    if unknown:
+        raise HTTPException(
+            status_code=422,
+            detail=f"unknown read models {unknown}; known: {sorted(catalog.models)}",
+        )
+    runner: RebuildRunner = request.app.state.rebuilds
+    try:
+        rebuild_id = await runner.start(body.read_models)
+    except RebuildConflictError as e:
+        raise HTTPException(status_code=409, detail=str(e)) from e
+    return RebuildStarted(
+        rebuild_id=rebuild_id,
+        read_models=body.read_models,
+        status_url=f"/admin/read-models/{body.read_models[0]}",
+    )
+
+
+class RebuildRunner:
+    """Runs rebuilds started over HTTP as tasks of this process; cancels them on shutdown."""
+
+    def __init__(
+        self, catalog: ReadModelCatalog, link: amqp.BrokerLink, settings: QueryServiceSettings
+    ) -> None:
+        self._catalog = catalog
+        self._link = link
+        self._settings = settings
+        self._tasks: set[asyncio.Task[RebuildProgress]] = set()
+
+    async def start(self, read_models: list[str]) -> str:
+        # Imported here: the replay adapter is only needed when a rebuild runs.
+        from query_service.adapters.replay import AmqpReplaySource
+        from query_service.service_layer.rebuild import Rebuild
+
+        settings = self._settings
+        source = AmqpReplaySource(
+            await self._link.connection(),
+            batch_size=settings.rebuild_batch_size,
+            start_timeout=settings.rebuild_start_timeout_seconds,
+            idle_timeout=settings.rebuild_idle_timeout_seconds,
+        )
+        rebuild = Rebuild(
+            self._catalog,
+            source,
+            read_models,
+            policy=rebuild_policy(settings),
+            owner=f"api@{socket.gethostname()}:{os.getpid()}",
+        )
+        await rebuild.claim()
+        task = asyncio.create_task(rebuild.run(), name=f"rebuild-{rebuild.rebuild_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return rebuild.rebuild_id
+
+    def _finished(self, task: asyncio.Task[RebuildProgress]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("rebuild_task_failed", error=repr(task.exception()))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def rebuild_policy(settings: QueryServiceSettings) -> RebuildPolicy:
+    return RebuildPolicy(
+        batch_size=settings.rebuild_batch_size,
+        max_rounds=settings.rebuild_max_rounds,
+        retire_seconds=settings.rebuild_retire_seconds,
+    )
+
+
+# --- app -------------------------------------------------------------------------------------
 
 
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -64,27 +590,59 @@ async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=503, content={"detail": STORE_UNAVAILABLE})
 
 
+async def _not_caught_up(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, NotCaughtUpError)
+    settings: QueryServiceSettings = request.app.state.settings
+    wanted = exc.wanted
+    body = NotCaughtUp(
+        detail=f"{exc.what} has not reached the requested version/position within "
+        f"{settings.read_wait_seconds}s; the projection is behind, retry later",
+        required={"min_version": wanted.min_version, "min_position": wanted.min_position},
+        current=exc.current,
+    )
+    return JSONResponse(
+        status_code=504, content=body.model_dump(mode="json"), headers={"Retry-After": "1"}
+    )
+
+
 def create_app(
-    settings: QueryServiceSettings, *, database: AsyncDatabase[Document] | None = None
+    settings: QueryServiceSettings,
+    *,
+    database: AsyncDatabase[Document] | None = None,
+    catalog: ReadModelCatalog | None = None,
+    metrics: ProjectorMetrics | None = None,
 ) -> FastAPI:
-    """The API app. Given `database`, the caller owns its client; otherwise the app's lifespan
-    opens a MongoDB client from `settings` and closes it on shutdown."""
+    """The API app. Given `database` (or `catalog`), the caller owns its client; otherwise the
+    app's lifespan opens a MongoDB client from `settings` and closes it on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if database is not None:
-            app.state.database = database
-            yield
-            return
-        client = create_client(settings.mongo_url)
-        app.state.database = client[settings.mongo_db]
+        app.state.settings = settings
+        app.state.metrics = metrics
+        link = amqp.BrokerLink(settings.amqp_url)
+        app.state.broker = link
+        client = None
+        if catalog is not None:
+            app.state.catalog = catalog
+        elif database is not None:
+            app.state.catalog = build_catalog(database)
+        else:
+            client = create_client(settings.mongo_url)
+            app.state.catalog = build_catalog(client[settings.mongo_db])
+        runner = RebuildRunner(app.state.catalog, link, settings)
+        app.state.rebuilds = runner
         try:
             yield
         finally:
-            await client.close()
+            await runner.close()
+            await link.close()
+            if client is not None:
+                await client.close()
 
-    app = FastAPI(title="cqrs-ledger query API", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="cqrs-ledger query API", version="0.2.0", lifespan=lifespan)
     app.include_router(router)
+    app.include_router(admin)
     for error in TRANSIENT_ERRORS:
         app.add_exception_handler(error, _store_unavailable)
+    app.add_exception_handler(NotCaughtUpError, _not_caught_up)
     return app

@@ -65,6 +65,17 @@ class RetryPolicy:
 DEFAULT_RETRY_POLICY = RetryPolicy()
 
 
+@dataclass
+class ProjectorMetrics:
+    """Counters of this process's consumer; `parked` is the alert signal (shown by /readyz)."""
+
+    projected: int = 0
+    duplicates: int = 0
+    parked: int = 0
+    requeued: int = 0
+    last_parked_reason: str | None = None
+
+
 def parse_envelope(
     body: bytes, headers: dict[str, Any] | None = None, *, max_bytes: int = MAX_BODY_BYTES
 ) -> EventEnvelope:
@@ -113,7 +124,9 @@ class ProjectorConsumer:
         parker: Parker,
         retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
         max_body_bytes: int = MAX_BODY_BYTES,
+        metrics: ProjectorMetrics | None = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else ProjectorMetrics()
         self._handler = handler
         self._parker = parker
         self._retry_policy = retry_policy
@@ -225,10 +238,12 @@ class ProjectorConsumer:
                 if not await self._settle(message.ack()):
                     self._lanes.hold_back(key)
                 elif applied:
+                    self.metrics.projected += 1
                     log.info(
                         "event_projected", position=envelope.position, projections=list(applied)
                     )
                 else:
+                    self.metrics.duplicates += 1
                     log.info("event_duplicate_ignored", projections=list(duplicates))
             case Rejected(reason=reason):
                 await self._park(message, reason, key)
@@ -254,11 +269,14 @@ class ProjectorConsumer:
             log.error("event_park_failed", reason=reason, error=repr(e))
             await self._requeue(message, key)
             return
-        log.error("event_parked", reason=reason)
+        self.metrics.parked += 1
+        self.metrics.last_parked_reason = reason
+        log.error("event_parked", reason=reason, parked_total=self.metrics.parked)
         if not await self._settle(message.ack()) and key is not None:
             self._lanes.hold_back(key)
 
     async def _requeue(self, message: AbstractIncomingMessage, key: str | None) -> None:
+        self.metrics.requeued += 1
         # Hold back first: a redelivery cannot arrive before the nack is sent.
         if key is not None:
             self._lanes.hold_back(key)

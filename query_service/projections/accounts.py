@@ -2,15 +2,22 @@
 
 Document: `_id` = account id, `id`, `owner_id`, `currency`, `balance`, `status`
 (`open` | `frozen` | `closed`), `version`, `opened_at`, `updated_at`, `last_position`.
+Listed by owner, status and currency in account-id order, so each filter has an index ending
+in `_id`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from query_service.adapters.mongo import VersionedCollection
+from pymongo import IndexModel, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+
+from query_service.adapters.mongo import Document, VersionedCollection
 from query_service.projections.base import ApplyResult, InvalidEvent, event_data
+from query_service.projections.bulk import skip_invalid, write_in_order
 from shared.ledger import (
     ACCOUNT,
     AccountClosed,
@@ -90,10 +97,13 @@ def _positive(amount: int) -> int:
     return amount
 
 
+NAME: Final = "accounts"
+
+
 class AccountsProjection:
     """Projects the account events into the `accounts` collection, one version at a time."""
 
-    name: Final = "accounts"
+    name: Final = NAME
 
     def __init__(self, documents: VersionedCollection) -> None:
         self._documents = documents
@@ -117,3 +127,56 @@ class AccountsProjection:
             position=envelope.position,
             update=account_update(event, envelope.recorded_at),
         )
+
+    async def apply_batch(self, envelopes: Sequence[EventEnvelope]) -> None:
+        ops: list[UpdateOne] = []
+        for envelope in envelopes:
+            if self.handles(envelope):
+                op = skip_invalid(self._op, envelope)
+                if op is not None:
+                    ops.append(op)
+        await write_in_order(self._documents.collection, ops, self, envelopes)
+
+    def _op(self, envelope: EventEnvelope) -> UpdateOne:
+        event = event_data(EVENT_TYPES[envelope.type], envelope)
+        account_id = str(envelope.aggregate_id)
+        if isinstance(event, AccountOpened):
+            return VersionedCollection.create_op(
+                account_id,
+                version=envelope.version,
+                position=envelope.position,
+                fields=opened_account(event, envelope),
+            )
+        return VersionedCollection.advance_op(
+            account_id,
+            version=envelope.version,
+            position=envelope.position,
+            update=account_update(event, envelope.recorded_at),
+        )
+
+
+class AccountsReadModel:
+    """Account detail: one document per account."""
+
+    name: Final = NAME
+    collections: Final = (NAME,)
+    aggregate_types: Final = frozenset({ACCOUNT})
+    version_collection: Final = NAME
+
+    def handles(self, envelope: EventEnvelope) -> bool:
+        return envelope.aggregate_type == ACCOUNT and envelope.type in EVENT_TYPES
+
+    def indexes(self) -> Mapping[str, Sequence[IndexModel]]:
+        return {
+            NAME: [
+                IndexModel([("owner_id", 1), ("_id", 1)], name="owner_id"),
+                IndexModel([("status", 1), ("currency", 1), ("_id", 1)], name="status_currency"),
+                IndexModel([("currency", 1), ("_id", 1)], name="currency"),
+            ]
+        }
+
+    def bind(self, collections: Mapping[str, AsyncCollection[Document]]) -> AccountsProjection:
+        return AccountsProjection(VersionedCollection(collections[NAME]))
+
+    def versions(self, document: Document) -> dict[str, int]:
+        return {str(document["_id"]): int(document["version"])}

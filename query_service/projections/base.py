@@ -8,6 +8,7 @@ earlier version of the aggregate is missing. Nothing here knows the ledger.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -70,6 +71,16 @@ class Projection(Protocol):
     def handles(self, envelope: EventEnvelope) -> bool: ...
 
     async def apply(self, envelope: EventEnvelope) -> ApplyResult: ...
+
+
+class BatchProjection(Projection, Protocol):
+    """A projection that can also apply a run of events (in position order) at once.
+
+    The effect must equal applying them one by one with `apply`, duplicates and gaps included;
+    a rebuild uses it to write a replay in few round trips.
+    """
+
+    async def apply_batch(self, envelopes: Sequence[EventEnvelope]) -> None: ...
 
 
 class CheckpointStore(Protocol):

@@ -7,8 +7,9 @@ The outcome says what the consumer should do with the message: `Projected` (ack)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -56,14 +57,67 @@ Outcome = Projected | Rejected
 DEFAULT_GAP_POLICY = GapPolicy()
 
 
+@dataclass(frozen=True)
+class Shadow:
+    """The next generation of a read model that a rebuild is filling, written alongside.
+
+    It may be behind the live stream (the replay has not reached an aggregate yet): an event it
+    cannot take yet is skipped, not waited for nor parked, and `on_skip` is told its position so
+    the rebuild knows it must replay at least that far.
+    """
+
+    projection: Projection
+    on_skip: Callable[[int], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where one event goes: the current generations, and the ones being rebuilt."""
+
+    live: Sequence[Projection]
+    shadows: Sequence[Shadow] = ()
+
+
 async def project(
     envelope: EventEnvelope,
     *,
     projections: Sequence[Projection],
     checkpoints: CheckpointStore,
     gap_policy: GapPolicy = DEFAULT_GAP_POLICY,
+    shadows: Sequence[Shadow] = (),
 ) -> Outcome:
-    """Apply `envelope` to each projection that handles it, exactly once and in version order."""
+    """Apply `envelope` to each projection that handles it, exactly once and in version order.
+
+    Then to each shadow, whatever the live outcome: a shadow filled by a replay may well take an
+    event the live generation has to park.
+    """
+    outcome = await _project_live(
+        envelope, projections=projections, checkpoints=checkpoints, gap_policy=gap_policy
+    )
+    for shadow in shadows:
+        await _project_shadow(envelope, shadow)
+    return outcome
+
+
+async def _project_shadow(envelope: EventEnvelope, shadow: Shadow) -> None:
+    if not shadow.projection.handles(envelope):
+        return
+    try:
+        result = await shadow.projection.apply(envelope)
+    except InvalidEvent:
+        return  # the live projection parks it; the replay skips it the same way
+    if result.status is ApplyStatus.GAP:
+        log.info("event_skipped_for_rebuild", projection=shadow.projection.name)
+        await shadow.on_skip(envelope.position)
+
+
+async def _project_live(
+    envelope: EventEnvelope,
+    *,
+    projections: Sequence[Projection],
+    checkpoints: CheckpointStore,
+    gap_policy: GapPolicy,
+) -> Outcome:
     pending = [projection for projection in projections if projection.handles(envelope)]
     if not pending:
         # Not ours: the events exchange carries every aggregate's events, and a read model
@@ -119,3 +173,34 @@ def _gap_reason(projection: str, result: ApplyResult, envelope: EventEnvelope) -
         f"{result.stored_version}, event {envelope.type} has version {envelope.version} "
         f"(expected {result.stored_version + 1})"
     )
+
+
+class TargetResolver(Protocol):
+    """Says where an event goes, from the generation pointers as they are now."""
+
+    async def targets(self, envelope: EventEnvelope) -> Targets: ...
+
+
+class Projector:
+    """The projector use case: route an event to its generations and project it there."""
+
+    def __init__(
+        self,
+        resolver: TargetResolver,
+        *,
+        checkpoints: CheckpointStore,
+        gap_policy: GapPolicy = DEFAULT_GAP_POLICY,
+    ) -> None:
+        self._resolver = resolver
+        self._checkpoints = checkpoints
+        self._gap_policy = gap_policy
+
+    async def __call__(self, envelope: EventEnvelope) -> Outcome:
+        targets = await self._resolver.targets(envelope)
+        return await project(
+            envelope,
+            projections=targets.live,
+            shadows=targets.shadows,
+            checkpoints=self._checkpoints,
+            gap_policy=self._gap_policy,
+        )

@@ -11,14 +11,12 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from query_service.adapters.mongo import (
-    ACCOUNTS_COLLECTION,
     CHECKPOINTS_COLLECTION,
     Document,
     MongoCheckpoints,
     VersionedCollection,
     create_client,
 )
-from query_service.bootstrap import build_projections
 from query_service.projections.accounts import AccountsProjection
 from query_service.projections.base import ApplyStatus, InvalidEvent
 from query_service.service_layer.projector import GapPolicy, Outcome, Projected, Rejected, project
@@ -32,7 +30,7 @@ from shared.ledger import (
 )
 from shared.messages import EventEnvelope
 from tests.conftest import Services
-from tests.query_support import envelope, opened_account
+from tests.query_support import ACCOUNTS, envelope, opened_account
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +51,14 @@ async def run(
 ) -> Outcome:
     return await project(
         event,
-        projections=build_projections(database),
+        projections=[AccountsProjection(VersionedCollection(database[ACCOUNTS]))],
         checkpoints=MongoCheckpoints(database[CHECKPOINTS_COLLECTION]),
         gap_policy=gap_policy,
     )
 
 
 async def account(database: AsyncDatabase[Document], account_id: UUID) -> Document | None:
-    return await database[ACCOUNTS_COLLECTION].find_one({"_id": str(account_id)})
+    return await database[ACCOUNTS].find_one({"_id": str(account_id)})
 
 
 async def test_applies_an_account_stream_in_order(database: AsyncDatabase[Document]) -> None:
@@ -216,7 +214,7 @@ async def test_concurrent_checkpoint_writers_keep_the_maximum(
 
 
 async def test_a_creating_event_must_be_version_one(database: AsyncDatabase[Document]) -> None:
-    documents = VersionedCollection(database[ACCOUNTS_COLLECTION])
+    documents = VersionedCollection(database[ACCOUNTS])
 
     with pytest.raises(InvalidEvent, match="version 1"):
         await documents.create("x", version=2, position=1, fields={})
@@ -231,7 +229,7 @@ async def test_a_duplicate_opening_keeps_the_first_one(
     database: AsyncDatabase[Document],
 ) -> None:
     account_id = uuid4()
-    projection = AccountsProjection(VersionedCollection(database[ACCOUNTS_COLLECTION]))
+    projection = AccountsProjection(VersionedCollection(database[ACCOUNTS]))
     first = envelope(account_id, 1, AccountOpened(owner_id="alice", currency="EUR"))
     await projection.apply(first)
 

@@ -77,6 +77,7 @@ async def test_shows_a_projected_account(
         "balance": 750,
         "status": "frozen",
         "version": 4,
+        "last_position": stream[-1].position,
         "opened_at": "2025-01-01T00:00:01Z",
         "updated_at": "2025-01-01T00:00:04Z",
     }
@@ -104,9 +105,24 @@ async def test_healthz(api: httpx.AsyncClient) -> None:
     assert response.json() == {"status": "ok"}
 
 
+def _refused() -> ServerSelectionTimeoutError:
+    return ServerSelectionTimeoutError("127.0.0.1:27017: [Errno 111] Connection refused")
+
+
+class _UnreachableCursor:
+    def __aiter__(self) -> _UnreachableCursor:
+        return self
+
+    async def __anext__(self) -> Document:
+        raise _refused()
+
+
 class _UnreachableCollection:
     async def find_one(self, *args: object, **kwargs: object) -> Document | None:
-        raise ServerSelectionTimeoutError("127.0.0.1:27017: [Errno 111] Connection refused")
+        raise _refused()
+
+    def find(self, *args: object, **kwargs: object) -> _UnreachableCursor:
+        return _UnreachableCursor()
 
 
 class _UnreachableDatabase:

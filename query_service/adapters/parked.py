@@ -1,0 +1,190 @@
+"""Parked events: list them, send them back to the projector, or drop them.
+
+Parked messages wait in `cqrs.projector.parked` with the reason in `x-cqrs-reason` and where they
+came from in `x-cqrs-original-exchange` / `x-cqrs-original-routing-key`. A replay publishes a
+message to the partitioned exchange with its original routing key, body and headers (minus the
+`x-` ones the parking and dead-lettering added), so it lands in its aggregate's partition again;
+it is acked in the parked queue only after the broker confirmed that publish.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+
+from query_service.adapters import broker
+from shared.topology import AGGREGATE_ID_HEADER, REASON_HEADER
+
+BODY_PREVIEW_CHARS = 300
+
+
+@dataclass(frozen=True)
+class ParkedEvent:
+    """What an operator needs to decide about one parked message."""
+
+    message_id: str | None
+    type: str | None
+    routing_key: str
+    aggregate_id: str | None
+    version: int | None
+    position: int | None
+    reason: str
+    parked_at: datetime | None
+    body: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "message_id": self.message_id,
+            "type": self.type,
+            "routing_key": self.routing_key,
+            "aggregate_id": self.aggregate_id,
+            "version": self.version,
+            "position": self.position,
+            "reason": self.reason,
+            "parked_at": None if self.parked_at is None else self.parked_at.isoformat(),
+            "body": self.body,
+        }
+
+
+@dataclass(frozen=True)
+class ParkedReplay:
+    """What a replay or a drop did."""
+
+    moved: int
+    left: int
+
+
+def describe(message: AbstractIncomingMessage) -> ParkedEvent:
+    headers = dict(message.headers or {})
+    return ParkedEvent(
+        message_id=message.message_id,
+        type=message.type,
+        routing_key=_text(headers.get(broker.ORIGINAL_ROUTING_KEY_HEADER))
+        or message.routing_key
+        or "",
+        aggregate_id=_text(headers.get(AGGREGATE_ID_HEADER)),
+        version=_int(headers.get("version")),
+        position=_int(headers.get("position")),
+        reason=_text(headers.get(REASON_HEADER)) or "(dead-lettered by the broker)",
+        parked_at=message.timestamp,
+        body=message.body[:BODY_PREVIEW_CHARS].decode("utf-8", errors="replace"),
+    )
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(str(_text(value)))
+    except ValueError:
+        return None
+
+
+async def _parked_queue(channel: AbstractChannel) -> AbstractQueue:
+    await broker.declare_exchange(channel, broker.parked_exchange())
+    return await broker.declare_queue(channel, broker.parked_queue())
+
+
+async def parked_count(connection: AbstractConnection) -> int:
+    channel = await connection.channel()
+    try:
+        queue = await _parked_queue(channel)
+        return int(queue.declaration_result.message_count or 0)
+    finally:
+        await channel.close()
+
+
+async def list_parked(connection: AbstractConnection, *, limit: int = 100) -> list[ParkedEvent]:
+    """The first `limit` parked messages, oldest first; they stay parked.
+
+    They are fetched unacknowledged and returned to the queue when the channel closes.
+    """
+    channel = await connection.channel()
+    try:
+        queue = await _parked_queue(channel)
+        found: list[ParkedEvent] = []
+        while len(found) < limit:
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            found.append(describe(message))
+        return found
+    finally:
+        await channel.close()
+
+
+async def replay_parked(
+    connection: AbstractConnection, *, message_ids: Collection[str] | None = None
+) -> ParkedReplay:
+    """Send parked messages (all, or those with these message ids) back to their partitions.
+
+    Only the messages parked when the call starts are looked at, so one that fails again and is
+    parked anew is not replayed in a loop.
+    """
+    return await _move(connection, message_ids, replay=True)
+
+
+async def drop_parked(
+    connection: AbstractConnection, *, message_ids: Collection[str]
+) -> ParkedReplay:
+    """Delete these parked messages for good."""
+    return await _move(connection, message_ids, replay=False)
+
+
+async def _move(
+    connection: AbstractConnection, message_ids: Collection[str] | None, *, replay: bool
+) -> ParkedReplay:
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        queue = await _parked_queue(channel)
+        exchange = await broker.declare_exchange(channel, broker.partition_exchange())
+        waiting = int(queue.declaration_result.message_count or 0)
+        moved = left = 0
+        for _ in range(waiting):
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            if message_ids is not None and message.message_id not in message_ids:
+                left += 1  # returned to the queue when the channel closes
+                continue
+            if replay:
+                await exchange.publish(
+                    _replayed(message), routing_key=describe(message).routing_key
+                )
+            await message.ack()
+            moved += 1
+        return ParkedReplay(moved=moved, left=left)
+    finally:
+        await channel.close()
+
+
+def _replayed(message: AbstractIncomingMessage) -> aio_pika.Message:
+    headers = {
+        key: value for key, value in (message.headers or {}).items() if not key.startswith("x-")
+    }
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )
+
+
+def to_json(events: list[ParkedEvent]) -> str:
+    return json.dumps([event.as_dict() for event in events], indent=2)

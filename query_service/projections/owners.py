@@ -1,0 +1,341 @@
+"""The per-owner summary: an owner's accounts and the total balance per currency.
+
+Two collections per generation:
+
+- `owner_summaries`: one document per owner, `_id` = owner id, with `owner_id`,
+  `accounts.<account id>` = `{currency, balance, status, version, last_position, opened_at}`,
+  `totals.<currency>` = `{balance, accounts}` and `updated_at`;
+- `owner_summary_accounts`: account id -> `owner_id`, `currency`, written at the opening,
+  because the later events of an account do not name its owner.
+
+Exactly once across aggregates: the owner document carries every account's version, and each
+update is filtered on `accounts.<id>.version == version - 1`, so the check and the write are one
+atomic single-document update; events of different accounts of one owner touch different fields.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import structlog
+from pymongo import IndexModel, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from query_service.adapters.mongo import Document, is_duplicate_only
+from query_service.projections.base import ApplyResult, InvalidEvent, event_data
+from query_service.projections.bulk import apply_one_by_one
+from shared.ledger import (
+    ACCOUNT,
+    AccountClosed,
+    AccountFrozen,
+    AccountOpened,
+    AccountUnfrozen,
+    MoneyCreditedFromTransfer,
+    MoneyDebitedForTransfer,
+    MoneyDeposited,
+    MoneyWithdrawn,
+    TransferDebitRefunded,
+    TransferDebitSettled,
+)
+from shared.messages import Event, EventEnvelope
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
+
+NAME: Final = "owner_summaries"
+SUMMARIES: Final = "owner_summaries"
+ACCOUNT_OWNERS: Final = "owner_summary_accounts"
+# Owner and currency never change once an account is opened, so they can be remembered.
+OWNER_CACHE_SIZE = 100_000
+
+EVENT_TYPES: Final[dict[str, type[Event]]] = {
+    model.type_name(): model
+    for model in (
+        AccountOpened,
+        MoneyDeposited,
+        MoneyWithdrawn,
+        AccountFrozen,
+        AccountUnfrozen,
+        AccountClosed,
+        MoneyDebitedForTransfer,
+        MoneyCreditedFromTransfer,
+        TransferDebitRefunded,
+        TransferDebitSettled,
+    )
+}
+
+Owner = tuple[str, str]  # owner id, currency
+
+
+def opening_update(event: AccountOpened, envelope: EventEnvelope) -> dict[str, Any]:
+    account_id = str(envelope.aggregate_id)
+    currency = event.currency
+    return {
+        "$set": {
+            f"accounts.{account_id}": {
+                "currency": currency,
+                "balance": 0,
+                "status": "open",
+                "version": envelope.version,
+                "last_position": envelope.position,
+                "opened_at": envelope.recorded_at,
+            }
+        },
+        "$inc": {f"totals.{currency}.accounts": 1, f"totals.{currency}.balance": 0},
+        "$max": {"updated_at": envelope.recorded_at},
+    }
+
+
+def summary_update(event: Event, envelope: EventEnvelope, currency: str) -> dict[str, Any]:
+    """The update one later account event makes to its owner's summary."""
+    prefix = f"accounts.{envelope.aggregate_id}"
+    changes: dict[str, Any] = {
+        "$set": {
+            f"{prefix}.version": envelope.version,
+            f"{prefix}.last_position": envelope.position,
+        },
+        "$max": {"updated_at": envelope.recorded_at},
+    }
+    delta = 0
+    match event:
+        case (
+            MoneyDeposited(amount=amount)
+            | MoneyCreditedFromTransfer(amount=amount)
+            | TransferDebitRefunded(amount=amount)
+        ):
+            delta = _positive(amount)
+        case MoneyWithdrawn(amount=amount) | MoneyDebitedForTransfer(amount=amount):
+            delta = -_positive(amount)
+        case TransferDebitSettled():
+            pass
+        case AccountFrozen():
+            changes["$set"][f"{prefix}.status"] = "frozen"
+        case AccountUnfrozen():
+            changes["$set"][f"{prefix}.status"] = "open"
+        case AccountClosed():
+            changes["$set"][f"{prefix}.status"] = "closed"
+        case _:
+            raise InvalidEvent(f"{event.type_name()} does not change an existing account")
+    if delta:
+        changes["$inc"] = {f"{prefix}.balance": delta, f"totals.{currency}.balance": delta}
+    return changes
+
+
+def _positive(amount: int) -> int:
+    if amount <= 0:
+        raise InvalidEvent(f"amount must be positive, got {amount}")
+    return amount
+
+
+class OwnerCache:
+    """A bounded memory of account -> (owner, currency), shared by all generations."""
+
+    def __init__(self, size: int = OWNER_CACHE_SIZE) -> None:
+        self._size = size
+        self._owners: OrderedDict[str, Owner] = OrderedDict()
+
+    def get(self, account_id: str) -> Owner | None:
+        found = self._owners.get(account_id)
+        if found is not None:
+            self._owners.move_to_end(account_id)
+        return found
+
+    def put(self, account_id: str, owner: Owner) -> None:
+        self._owners[account_id] = owner
+        self._owners.move_to_end(account_id)
+        while len(self._owners) > self._size:
+            self._owners.popitem(last=False)
+
+
+class OwnerSummariesProjection:
+    """Projects account events into their owner's summary."""
+
+    name: Final = NAME
+
+    def __init__(
+        self,
+        summaries: AsyncCollection[Document],
+        account_owners: AsyncCollection[Document],
+        cache: OwnerCache,
+    ) -> None:
+        self._summaries = summaries
+        self._account_owners = account_owners
+        self._cache = cache
+
+    def handles(self, envelope: EventEnvelope) -> bool:
+        return envelope.aggregate_type == ACCOUNT and envelope.type in EVENT_TYPES
+
+    async def apply(self, envelope: EventEnvelope) -> ApplyResult:
+        event = event_data(EVENT_TYPES[envelope.type], envelope)
+        account_id = str(envelope.aggregate_id)
+        if isinstance(event, AccountOpened):
+            return await self._open(event, envelope)
+        owner = await self._owner_of(account_id)
+        if owner is None:
+            return ApplyResult.gap(None)
+        owner_id, currency = owner
+        result = await self._summaries.update_one(
+            {"_id": owner_id, f"accounts.{account_id}.version": envelope.version - 1},
+            summary_update(event, envelope, currency),
+        )
+        if result.matched_count == 1:
+            return ApplyResult.applied(envelope.version - 1)
+        stored = await self._version_of(owner_id, account_id)
+        if stored is not None and stored >= envelope.version:
+            return ApplyResult.duplicate(stored)
+        return ApplyResult.gap(stored)
+
+    async def _open(self, event: AccountOpened, envelope: EventEnvelope) -> ApplyResult:
+        if envelope.version != 1:
+            raise InvalidEvent(f"a creating event must have version 1, not {envelope.version}")
+        account_id = str(envelope.aggregate_id)
+        try:
+            await self._account_owners.insert_one(
+                {"_id": account_id, "owner_id": event.owner_id, "currency": event.currency}
+            )
+            owner: Owner | None = (event.owner_id, event.currency)
+        except DuplicateKeyError:
+            owner = await self._stored_owner(account_id)
+        if owner is None or owner != (event.owner_id, event.currency):
+            # A second opening of the same account with other data: the first one stands.
+            return ApplyResult.duplicate(1)
+        self._cache.put(account_id, owner)
+        update = opening_update(event, envelope)
+        update["$setOnInsert"] = {"owner_id": event.owner_id}
+        query = {"_id": event.owner_id, f"accounts.{account_id}": {"$exists": False}}
+        for attempt in (1, 2):
+            try:
+                await self._summaries.update_one(query, update, upsert=True)
+            except DuplicateKeyError:
+                # Either the account is there (a duplicate), or another account of a new
+                # owner created the document first: then the second try updates it.
+                if attempt == 2 or await self._version_of(event.owner_id, account_id) is not None:
+                    return ApplyResult.duplicate(await self._version_of(event.owner_id, account_id))
+                continue
+            return ApplyResult.applied(None)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _owner_of(self, account_id: str) -> Owner | None:
+        owner = self._cache.get(account_id)
+        if owner is None:
+            owner = await self._stored_owner(account_id)
+            if owner is not None:
+                self._cache.put(account_id, owner)
+        return owner
+
+    async def _stored_owner(self, account_id: str) -> Owner | None:
+        found = await self._account_owners.find_one({"_id": account_id})
+        return None if found is None else (str(found["owner_id"]), str(found["currency"]))
+
+    async def _version_of(self, owner_id: str, account_id: str) -> int | None:
+        found = await self._summaries.find_one(
+            {"_id": owner_id}, {f"accounts.{account_id}.version": 1}
+        )
+        entry = (found or {}).get("accounts", {}).get(account_id)
+        return None if entry is None else int(entry["version"])
+
+    async def apply_batch(self, envelopes: Sequence[EventEnvelope]) -> None:
+        mine = [envelope for envelope in envelopes if self.handles(envelope)]
+        if not mine:
+            return
+        owners: dict[str, Owner] = {}
+        unknown = set()
+        for envelope in mine:
+            account_id = str(envelope.aggregate_id)
+            cached = self._cache.get(account_id)
+            if cached is not None:
+                owners[account_id] = cached
+            elif envelope.type != AccountOpened.type_name():
+                unknown.add(account_id)
+        if unknown:
+            async for doc in self._account_owners.find({"_id": {"$in": list(unknown)}}):
+                owners[str(doc["_id"])] = (str(doc["owner_id"]), str(doc["currency"]))
+        owner_ops: list[UpdateOne] = []
+        summary_ops: list[UpdateOne] = []
+        for envelope in mine:
+            account_id = str(envelope.aggregate_id)
+            try:
+                event = event_data(EVENT_TYPES[envelope.type], envelope)
+                if isinstance(event, AccountOpened):
+                    if envelope.version != 1:
+                        raise InvalidEvent(
+                            f"a creating event must have version 1, not {envelope.version}"
+                        )
+                    owner: Owner | None = owners.setdefault(
+                        account_id, (event.owner_id, event.currency)
+                    )
+                    assert owner is not None
+                    owner_ops.append(
+                        UpdateOne(
+                            {"_id": account_id},
+                            {"$setOnInsert": {"owner_id": owner[0], "currency": owner[1]}},
+                            upsert=True,
+                        )
+                    )
+                    if owner != (event.owner_id, event.currency):
+                        continue
+                    summary_ops.append(
+                        UpdateOne(
+                            {"_id": owner[0]}, {"$setOnInsert": {"owner_id": owner[0]}}, upsert=True
+                        )
+                    )
+                    summary_ops.append(
+                        UpdateOne(
+                            {"_id": owner[0], f"accounts.{account_id}": {"$exists": False}},
+                            opening_update(event, envelope),
+                        )
+                    )
+                    continue
+                owner = owners.get(account_id)
+                if owner is None:
+                    continue  # not opened: applying it one by one finds a gap
+                summary_ops.append(
+                    UpdateOne(
+                        {"_id": owner[0], f"accounts.{account_id}.version": envelope.version - 1},
+                        summary_update(event, envelope, owner[1]),
+                    )
+                )
+            except InvalidEvent as e:
+                log.warning(
+                    "replayed_event_not_applicable", position=envelope.position, reason=str(e)
+                )
+        try:
+            if owner_ops:
+                await self._account_owners.bulk_write(owner_ops, ordered=True)
+            if summary_ops:
+                await self._summaries.bulk_write(summary_ops, ordered=True)
+        except BulkWriteError as e:
+            if not is_duplicate_only(e):
+                raise
+            await apply_one_by_one(self, mine)
+
+
+class OwnerSummariesReadModel:
+    """Per-owner summary: accounts and total balance per currency."""
+
+    name: Final = NAME
+    collections: Final = (SUMMARIES, ACCOUNT_OWNERS)
+    aggregate_types: Final = frozenset({ACCOUNT})
+    version_collection: Final = SUMMARIES
+
+    def __init__(self) -> None:
+        self._cache = OwnerCache()
+
+    def handles(self, envelope: EventEnvelope) -> bool:
+        return envelope.aggregate_type == ACCOUNT and envelope.type in EVENT_TYPES
+
+    def indexes(self) -> Mapping[str, Sequence[IndexModel]]:
+        return {}  # both read by `_id` only
+
+    def bind(
+        self, collections: Mapping[str, AsyncCollection[Document]]
+    ) -> OwnerSummariesProjection:
+        return OwnerSummariesProjection(
+            collections[SUMMARIES], collections[ACCOUNT_OWNERS], self._cache
+        )
+
+    def versions(self, document: Document) -> dict[str, int]:
+        accounts: dict[str, Any] = document.get("accounts", {})
+        return {account_id: int(entry["version"]) for account_id, entry in accounts.items()}

@@ -1,0 +1,267 @@
+"""The transaction-history read model: one entry per movement of money on an account.
+
+Two collections per generation:
+
+- `transaction_heads`: one document per account, `_id` = account id, with the `version` and
+  `balance` reached and `last_position`; it is the version guard of the history;
+- `transactions`: one entry per deposit, withdrawal and transfer leg, `_id` =
+  `<account id>:<version>`, with `account_id`, `version`, `position`, `kind`, a signed `amount`,
+  `balance_after`, `transfer_id`, `counterparty_account_id`, `code`, `reason`, `recorded_at`;
+  listed newest first through the index on (`account_id`, `version` descending).
+
+An event's entry is written before its head moves, and readers show only entries up to the
+head's version, so a reader never sees a version without its entry nor an entry ahead of the
+head. An entry's content follows from the account's history alone, so writing it twice (a
+redelivery, a rebuild racing the live projector) writes the same thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import structlog
+from pymongo import IndexModel, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from query_service.adapters.mongo import Document, VersionedCollection, is_duplicate_only
+from query_service.projections.base import ApplyResult, InvalidEvent, event_data
+from query_service.projections.bulk import apply_one_by_one
+from shared.ledger import (
+    ACCOUNT,
+    AccountClosed,
+    AccountFrozen,
+    AccountOpened,
+    AccountUnfrozen,
+    MoneyCreditedFromTransfer,
+    MoneyDebitedForTransfer,
+    MoneyDeposited,
+    MoneyWithdrawn,
+    TransferDebitRefunded,
+    TransferDebitSettled,
+)
+from shared.messages import Event, EventEnvelope
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
+
+NAME: Final = "transactions"
+ENTRIES: Final = "transactions"
+HEADS: Final = "transaction_heads"
+
+TransactionKind = Literal["deposit", "withdrawal", "transfer_out", "transfer_in", "transfer_refund"]
+
+EVENT_TYPES: Final[dict[str, type[Event]]] = {
+    model.type_name(): model
+    for model in (
+        AccountOpened,
+        MoneyDeposited,
+        MoneyWithdrawn,
+        AccountFrozen,
+        AccountUnfrozen,
+        AccountClosed,
+        MoneyDebitedForTransfer,
+        MoneyCreditedFromTransfer,
+        TransferDebitRefunded,
+        TransferDebitSettled,
+    )
+}
+
+
+@dataclass(frozen=True)
+class Movement:
+    """What one event does to an account's money; `None` fields do not apply."""
+
+    kind: TransactionKind
+    amount: int  # signed: credits positive, debits negative
+    transfer_id: str | None = None
+    counterparty_account_id: str | None = None
+    code: str | None = None
+    reason: str | None = None
+
+
+def movement(event: Event) -> Movement | None:
+    """The money movement of an account event, or `None` for events that move no money."""
+    match event:
+        case MoneyDeposited(amount=amount):
+            return Movement("deposit", _positive(amount))
+        case MoneyWithdrawn(amount=amount):
+            return Movement("withdrawal", -_positive(amount))
+        case MoneyDebitedForTransfer(amount=amount, transfer_id=transfer, to_account_id=to):
+            return Movement("transfer_out", -_positive(amount), str(transfer), str(to))
+        case MoneyCreditedFromTransfer(amount=amount, transfer_id=transfer, from_account_id=src):
+            return Movement("transfer_in", _positive(amount), str(transfer), str(src))
+        case TransferDebitRefunded(amount=amount, transfer_id=transfer, code=code, reason=reason):
+            return Movement(
+                "transfer_refund", _positive(amount), str(transfer), code=code, reason=reason
+            )
+        case AccountFrozen() | AccountUnfrozen() | AccountClosed() | TransferDebitSettled():
+            return None
+        case _:
+            raise InvalidEvent(f"{event.type_name()} does not change an existing account")
+
+
+def _positive(amount: int) -> int:
+    if amount <= 0:
+        raise InvalidEvent(f"amount must be positive, got {amount}")
+    return amount
+
+
+def entry_id(account_id: str, version: int) -> str:
+    return f"{account_id}:{version}"
+
+
+def entry_document(envelope: EventEnvelope, moved: Movement, balance_after: int) -> Document:
+    account_id = str(envelope.aggregate_id)
+    return {
+        "_id": entry_id(account_id, envelope.version),
+        "account_id": account_id,
+        "version": envelope.version,
+        "position": envelope.position,
+        "kind": moved.kind,
+        "amount": moved.amount,
+        "balance_after": balance_after,
+        "transfer_id": moved.transfer_id,
+        "counterparty_account_id": moved.counterparty_account_id,
+        "code": moved.code,
+        "reason": moved.reason,
+        "recorded_at": envelope.recorded_at,
+    }
+
+
+def _insert_op(document: Document) -> UpdateOne:
+    fields = {key: value for key, value in document.items() if key != "_id"}
+    return UpdateOne({"_id": document["_id"]}, {"$setOnInsert": fields}, upsert=True)
+
+
+def _head_update(moved: Movement | None) -> dict[str, Any]:
+    return {"$inc": {"balance": moved.amount}} if moved is not None and moved.amount else {}
+
+
+class TransactionsProjection:
+    """Projects account events into the history, one version at a time per account."""
+
+    name: Final = NAME
+
+    def __init__(
+        self, entries: AsyncCollection[Document], heads: AsyncCollection[Document]
+    ) -> None:
+        self._entries = entries
+        self._heads = VersionedCollection(heads)
+
+    def handles(self, envelope: EventEnvelope) -> bool:
+        return envelope.aggregate_type == ACCOUNT and envelope.type in EVENT_TYPES
+
+    async def apply(self, envelope: EventEnvelope) -> ApplyResult:
+        event = event_data(EVENT_TYPES[envelope.type], envelope)
+        account_id = str(envelope.aggregate_id)
+        if isinstance(event, AccountOpened):
+            return await self._heads.create(
+                account_id,
+                version=envelope.version,
+                position=envelope.position,
+                fields={"balance": 0},
+            )
+        moved = movement(event)
+        head = await self._heads.collection.find_one(
+            {"_id": account_id}, {"version": 1, "balance": 1}
+        )
+        if head is None:
+            return ApplyResult.gap(None)
+        stored = int(head["version"])
+        if stored >= envelope.version:
+            return ApplyResult.duplicate(stored)
+        if stored != envelope.version - 1:
+            return ApplyResult.gap(stored)
+        if moved is not None:
+            document = entry_document(envelope, moved, int(head["balance"]) + moved.amount)
+            # Already there when written before a crash, or by a rebuild: the same content.
+            with contextlib.suppress(DuplicateKeyError):
+                await self._entries.insert_one(document)
+        return await self._heads.advance(
+            account_id,
+            version=envelope.version,
+            position=envelope.position,
+            update=_head_update(moved),
+        )
+
+    async def apply_batch(self, envelopes: Sequence[EventEnvelope]) -> None:
+        mine = [envelope for envelope in envelopes if self.handles(envelope)]
+        if not mine:
+            return
+        ids = list({str(envelope.aggregate_id) for envelope in mine})
+        heads: dict[str, tuple[int, int]] = {
+            str(doc["_id"]): (int(doc["version"]), int(doc["balance"]))
+            async for doc in self._heads.collection.find(
+                {"_id": {"$in": ids}}, {"version": 1, "balance": 1}
+            )
+        }
+        entry_ops: list[UpdateOne] = []
+        head_ops: list[UpdateOne] = []
+        for envelope in mine:
+            account_id = str(envelope.aggregate_id)
+            try:
+                event = event_data(EVENT_TYPES[envelope.type], envelope)
+                moved = None if isinstance(event, AccountOpened) else movement(event)
+            except InvalidEvent as e:
+                log.warning(
+                    "replayed_event_not_applicable", position=envelope.position, reason=str(e)
+                )
+                continue
+            current = heads.get(account_id)
+            if isinstance(event, AccountOpened):
+                if current is None and envelope.version == 1:
+                    head_ops.append(
+                        VersionedCollection.create_op(
+                            account_id, version=1, position=envelope.position, fields={"balance": 0}
+                        )
+                    )
+                    heads[account_id] = (1, 0)
+                continue
+            if current is None or current[0] != envelope.version - 1:
+                continue  # already there, or after a gap: applying it one by one skips it too
+            balance = current[1] + (moved.amount if moved is not None else 0)
+            if moved is not None:
+                entry_ops.append(_insert_op(entry_document(envelope, moved, balance)))
+            head_ops.append(
+                VersionedCollection.advance_op(
+                    account_id,
+                    version=envelope.version,
+                    position=envelope.position,
+                    update=_head_update(moved),
+                )
+            )
+            heads[account_id] = (envelope.version, balance)
+        try:
+            # Entries before heads, as one by one.
+            if entry_ops:
+                await self._entries.bulk_write(entry_ops, ordered=True)
+            if head_ops:
+                await self._heads.collection.bulk_write(head_ops, ordered=True)
+        except BulkWriteError as e:
+            if not is_duplicate_only(e):
+                raise
+            await apply_one_by_one(self, mine)
+
+
+class TransactionsReadModel:
+    """Transaction history per account, newest first."""
+
+    name: Final = NAME
+    collections: Final = (ENTRIES, HEADS)
+    aggregate_types: Final = frozenset({ACCOUNT})
+    version_collection: Final = HEADS
+
+    def handles(self, envelope: EventEnvelope) -> bool:
+        return envelope.aggregate_type == ACCOUNT and envelope.type in EVENT_TYPES
+
+    def indexes(self) -> Mapping[str, Sequence[IndexModel]]:
+        return {ENTRIES: [IndexModel([("account_id", 1), ("version", -1)], name="account_version")]}
+
+    def bind(self, collections: Mapping[str, AsyncCollection[Document]]) -> TransactionsProjection:
+        return TransactionsProjection(collections[ENTRIES], collections[HEADS])
+
+    def versions(self, document: Document) -> dict[str, int]:
+        return {str(document["_id"]): int(document["version"])}
