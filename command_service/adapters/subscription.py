@@ -38,12 +38,18 @@ class RetryLaterError(Exception):
 
 
 # Failures a subscription waits out: the database or the broker going away.
-RECOVERABLE_ERRORS: tuple[type[BaseException], ...] = (
-    *TRANSIENT_ERRORS,
-    EventStoreUnavailableError,
-    RetryLaterError,
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
     aiormq.exceptions.AMQPError,
     aio_pika.exceptions.AMQPException,
+    # A robust channel refuses work while it reconnects.
+    aiormq.exceptions.ChannelInvalidStateError,
+)
+RECOVERABLE_ERRORS: tuple[type[BaseException], ...] = (
+    *TRANSIENT_ERRORS,
+    *BROKER_ERRORS,
+    EventStoreUnavailableError,
+    RetryLaterError,
 )
 
 

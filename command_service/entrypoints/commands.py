@@ -23,6 +23,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from command_service.adapters.broker import dead_letter_message, reply_message
 from command_service.adapters.event_store import EventStoreUnavailableError
+from command_service.adapters.subscription import BROKER_ERRORS
 from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry, UnknownCommandError
 from shared.messages import CommandEnvelope, Reply, ReplyError
@@ -107,19 +108,33 @@ class CommandConsumer:
     async def _consume(self, queue: AbstractQueue, stop: asyncio.Event) -> None:
         stopped = asyncio.create_task(stop.wait())
         try:
-            async with queue.iterator() as messages:
-                iterator = aiter(messages)
-                while not stop.is_set():
-                    receive = asyncio.ensure_future(anext(iterator))
-                    await asyncio.wait({receive, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                    if not receive.done():
-                        receive.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                            await receive
-                        break
-                    await self.process(receive.result())
+            while not stop.is_set():
+                try:
+                    await self._consume_until(queue, stopped)
+                except BROKER_ERRORS as e:
+                    # The channel went away: unacked messages return to the queue; consume
+                    # again once the robust connection is back.
+                    log.warning("partition_consumer_interrupted", queue=queue.name, error=repr(e))
+                    await asyncio.wait({stopped}, timeout=1.0)
         finally:
             stopped.cancel()
+
+    async def _consume_until(self, queue: AbstractQueue, stopped: asyncio.Task[bool]) -> None:
+        async with queue.iterator() as messages:
+            iterator = aiter(messages)
+            while not stopped.done():
+                receive = asyncio.ensure_future(anext(iterator))
+                await asyncio.wait({receive, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():
+                    receive.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await receive
+                    return
+                try:
+                    message = receive.result()
+                except StopAsyncIteration:
+                    return  # the consumer was cancelled by the broker: consume again
+                await self.process(message)
 
     async def process(self, message: AbstractIncomingMessage) -> None:
         """Handle one delivery to its end: acked, dead-lettered or requeued."""
