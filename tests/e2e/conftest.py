@@ -131,21 +131,26 @@ class CommandReplicas:
         """
         partitions = int(self.env["CQRS_COMMAND_PARTITIONS"])
         fair = -(-partitions // replicas)
-        async with asyncio.timeout(timeout):
-            while True:
-                for process in self.processes:
-                    if process.returncode is None and process.poll() is not None:
-                        raise AssertionError(f"a command service exited:\n{self.logs()}")
-                shares = await partition_shares(self.env["CQRS_POSTGRES_DSN"])
-                consumers = await _consumer_counts(self.env["CQRS_AMQP_URL"], partitions)
-                if (
-                    len(shares) == replicas
-                    and sum(shares) == partitions
-                    and max(shares) <= fair
-                    and consumers == [1] * partitions
-                ):
-                    return shares
-                await asyncio.sleep(0.2)
+        shares: list[int] = []
+        consumers: list[int] = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            for process in self.processes:
+                if process.returncode is None and process.poll() is not None:
+                    raise AssertionError(f"a command service exited:\n{self.logs()}")
+            shares = await partition_shares(self.env["CQRS_POSTGRES_DSN"])
+            consumers = await _consumer_counts(self.env["CQRS_AMQP_URL"], partitions)
+            if (
+                len(shares) == replicas
+                and sum(shares) == partitions
+                and max(shares) <= fair
+                and consumers == [1] * partitions
+            ):
+                return shares
+            await asyncio.sleep(0.2)
+        raise AssertionError(
+            f"not balanced over {replicas} replicas: leases {shares}, consumers {consumers}"
+        )
 
 
 async def partition_shares(dsn: str) -> list[int]:
