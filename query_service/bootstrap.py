@@ -24,6 +24,7 @@ from query_service.adapters.mongo import (
 )
 from query_service.adapters.read_models import FIRST_GENERATION, ReadModelCatalog
 from query_service.entrypoints.http import create_app
+from query_service.entrypoints.partitions import PartitionBalancer, PartitionSubscriptions
 from query_service.entrypoints.projector import (
     DEFAULT_RETRY_POLICY,
     ProjectorConsumer,
@@ -59,6 +60,8 @@ class ProjectorRuntime:
     consumer: ProjectorConsumer
     topology: broker.DeclaredTopology
     checkpoints: BufferedCheckpoints
+    subscriptions: PartitionSubscriptions
+    balancer: PartitionBalancer
     stopped: bool = False
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
@@ -70,6 +73,7 @@ class ProjectorRuntime:
             return
         self.stopped = True
         try:
+            await self.balancer.stop()
             await self.consumer.stop(grace_seconds)
             await self.checkpoints.close()
         finally:
@@ -99,17 +103,22 @@ async def start_projector(
     try:
         # Publisher confirms (aio-pika's default) make parking safe to ack after.
         channel = await connection.channel()
-        await channel.set_qos(prefetch_count=settings.prefetch)
-        topology = await broker.declare_projector_topology(
-            channel, broker.ProjectorTopology(settings.projector_partitions)
-        )
+        wanted = broker.ProjectorTopology(settings.projector_partitions)
+        topology = await broker.declare_projector_topology(channel, wanted)
         consumer = ProjectorConsumer(
             handler=handler,
             parker=broker.AmqpParker(topology.parked_exchange),
             retry_policy=retry_policy,
             metrics=metrics,
         )
-        await consumer.start(topology.partition_queues)
+        subscriptions = PartitionSubscriptions(
+            connection, consumer, wanted, prefetch=settings.prefetch
+        )
+        await subscriptions.start()
+        balancer = PartitionBalancer(
+            connection, subscriptions, consumer, interval=settings.projector_rebalance_seconds
+        )
+        balancer.start()
     except BaseException:
         await connection.close()
         raise
@@ -119,7 +128,9 @@ async def start_projector(
         prefetch=settings.prefetch,
         read_models=list(catalog.models),
     )
-    return ProjectorRuntime(connection, channel, consumer, topology, checkpoints)
+    return ProjectorRuntime(
+        connection, channel, consumer, topology, checkpoints, subscriptions, balancer
+    )
 
 
 @dataclass

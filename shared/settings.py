@@ -51,6 +51,9 @@ class QueryServiceSettings(CommonSettings):
     # An event ahead of a missing one is retried this often, this far apart, then parked.
     projector_gap_attempts: int = Field(default=5, ge=1, le=1_000)
     projector_gap_delay_seconds: float = Field(default=0.2, ge=0, le=60)
+    projector_rebalance_seconds: float = Field(
+        default=5.0, ge=0, description="how often replicas even out partitions; 0: never"
+    )
     read_wait_seconds: float = Field(
         default=5.0, ge=0, le=60, description="longest wait for min_version / min_position"
     )

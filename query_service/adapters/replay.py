@@ -1,10 +1,10 @@
 """Asking the command service for a replay over RabbitMQ, and reading the stream it sends.
 
 The query service never reads PostgreSQL. It declares a durable queue of its own,
-`cqrs.replay.<request id>`, sends a `ReplayRequest` naming it to `cqrs.replay.requests`
-through the default exchange, and reads `ReplayStarted`, the events in position order, then
-`ReplayFinished`. The queue is deleted when the stream ends, and expires by itself if this
-process dies first.
+`cqrs.replay.<request id>`, publishes a `ReplayRequest` naming it to the `cqrs.replay` exchange
+with routing key `cqrs.replay.requests` (its broker user has no access to the default
+exchange), and reads `ReplayStarted`, the events in position order, then `ReplayFinished`.
+The queue is deleted when the stream ends, and expires by itself if this process dies first.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from pamqp.commands import Basic
 from pydantic import ValidationError
 
 from query_service.entrypoints.projector import UnreadableMessage, parse_envelope
@@ -35,6 +36,10 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 REPLY_QUEUE_PREFIX = "cqrs.replay."
 # An abandoned reply queue disappears after an hour without a consumer.
 REPLY_QUEUE_EXPIRES_MS = 3_600_000
+
+
+class ReplayUnavailableError(RebuildError):
+    """No command service receives replay requests."""
 
 
 class ReplayTimeoutError(RebuildError):
@@ -81,8 +86,10 @@ class AmqpReplaySource:
                 arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
             )
             await queue.consume(receive)
-            await channel.declare_queue(topology.REPLAY_REQUESTS_QUEUE, durable=True)
-            await channel.default_exchange.publish(
+            requests = await channel.declare_exchange(
+                topology.REPLAY_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            confirmation = await requests.publish(
                 aio_pika.Message(
                     body=request.model_dump_json().encode(),
                     content_type="application/json",
@@ -91,7 +98,14 @@ class AmqpReplaySource:
                     type="ReplayRequest",
                 ),
                 routing_key=topology.REPLAY_REQUESTS_QUEUE,
+                mandatory=True,
             )
+            if not isinstance(confirmation, Basic.Ack):
+                # Returned unroutable: no command service has declared its request queue.
+                raise ReplayUnavailableError(
+                    f"nothing receives replay requests on {topology.REPLAY_EXCHANGE}: "
+                    "has a command service started?"
+                )
             log.info(
                 "replay_requested",
                 request_id=str(request_id),

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -133,13 +134,38 @@ class ProjectorConsumer:
         self._max_body_bytes = max_body_bytes
         self._lanes = AggregateLanes()
         self._in_flight: set[asyncio.Task[Any]] = set()
-        self._consumers: list[tuple[AbstractQueue, ConsumerTag]] = []
+        self._consumers: dict[str, tuple[AbstractQueue, ConsumerTag]] = {}
+        self._queue_of_tag: dict[str, str] = {}
+        self._last_delivery: dict[str, float] = {}
+        self._released: weakref.WeakSet[object] = weakref.WeakSet()
 
     async def start(self, queues: Sequence[AbstractQueue]) -> None:
         for queue in queues:
-            tag = await queue.consume(self.on_message)
-            self._consumers.append((queue, tag))
+            await self.add(queue)
         log.info("projector_consuming", queues=[queue.name for queue in queues])
+
+    async def add(self, queue: AbstractQueue) -> None:
+        """Consume `queue` (again, after its channel was replaced)."""
+        tag = await queue.consume(self.on_message)
+        self._consumers[queue.name] = (queue, tag)
+        self._queue_of_tag[tag] = queue.name
+
+    def forget(self, name: str) -> None:
+        """Stop counting `queue` as consumed here (its channel is being closed)."""
+        self._consumers.pop(name, None)
+        self._last_delivery.pop(name, None)
+
+    def busy_queues(self, within: float) -> list[str]:
+        """Queues this consumer received messages from in the last `within` seconds.
+
+        With single-active-consumer this is where this replica is the active one (and busy).
+        """
+        since = asyncio.get_running_loop().time() - within
+        return [
+            name
+            for name, at in self._last_delivery.items()
+            if at >= since and name in self._consumers
+        ]
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop taking messages and let those in hand finish.
@@ -147,7 +173,7 @@ class ProjectorConsumer:
         What is still unsettled after `grace_seconds` is cancelled; closing the channel afterwards
         makes the broker requeue it.
         """
-        consumers, self._consumers = self._consumers, []
+        consumers, self._consumers = list(self._consumers.values()), {}
         for queue, tag in consumers:
             try:
                 await queue.cancel(tag)
@@ -167,6 +193,9 @@ class ProjectorConsumer:
         return len(self._in_flight)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
+        queue = self._queue_of_tag.get(message.consumer_tag or "")
+        if queue is not None:
+            self._last_delivery[queue] = asyncio.get_running_loop().time()
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
@@ -207,7 +236,7 @@ class ProjectorConsumer:
                 if self._lanes.must_requeue(key, turn):
                     # Projecting it now would jump ahead of a requeued earlier event.
                     log.info("event_requeued_behind_earlier_event")
-                    await self._settle(message.nack(requeue=True))
+                    await self._settle(message, requeue=True)
                 else:
                     await self._project(message, envelope, key)
             except asyncio.CancelledError:
@@ -220,6 +249,9 @@ class ProjectorConsumer:
     async def _project(
         self, message: AbstractIncomingMessage, envelope: EventEnvelope, key: str
     ) -> None:
+        if self._handed_back(message):
+            log.info("event_left_to_the_next_consumer")
+            return
         try:
             outcome = await self._with_retries(envelope)
         except self._retry_policy.transient_errors as e:
@@ -235,7 +267,7 @@ class ProjectorConsumer:
 
         match outcome:
             case Projected(applied=applied, duplicates=duplicates):
-                if not await self._settle(message.ack()):
+                if not await self._settle(message):
                     self._lanes.hold_back(key)
                 elif applied:
                     self.metrics.projected += 1
@@ -263,6 +295,10 @@ class ProjectorConsumer:
     async def _park(
         self, message: AbstractIncomingMessage, reason: str, key: str | None = None
     ) -> None:
+        if self._handed_back(message):
+            # Another replica got it back from the broker and decides for itself.
+            log.info("event_not_parked_channel_gone", reason=reason)
+            return
         try:
             await self._parker.park(message, reason)
         except CONNECTION_EXCEPTIONS as e:
@@ -272,7 +308,7 @@ class ProjectorConsumer:
         self.metrics.parked += 1
         self.metrics.last_parked_reason = reason
         log.error("event_parked", reason=reason, parked_total=self.metrics.parked)
-        if not await self._settle(message.ack()) and key is not None:
+        if not await self._settle(message) and key is not None:
             self._lanes.hold_back(key)
 
     async def _requeue(self, message: AbstractIncomingMessage, key: str | None) -> None:
@@ -280,16 +316,40 @@ class ProjectorConsumer:
         # Hold back first: a redelivery cannot arrive before the nack is sent.
         if key is not None:
             self._lanes.hold_back(key)
-        await self._settle(message.nack(requeue=True))
+        await self._settle(message, requeue=True)
 
-    async def _settle(self, settlement: Awaitable[None]) -> bool:
+    async def _settle(
+        self, message: AbstractIncomingMessage, *, requeue: bool | None = None
+    ) -> bool:
+        """Ack (or nack with `requeue`); `False` when the message's channel is gone.
+
+        Nothing is sent on a channel that is being handed over: a frame arriving on a channel the
+        broker has closed makes it close the whole connection.
+        """
+        if self._handed_back(message):
+            return False
         try:
-            await settlement
+            if requeue is None:
+                await message.ack()
+            else:
+                await message.nack(requeue=requeue)
         except CONNECTION_EXCEPTIONS as e:
             # The channel is gone; the broker redelivers the message and the guard dedups it.
             log.warning("message_settle_failed", error=repr(e))
             return False
         return True
+
+    def release(self, name: str, channel: object) -> None:
+        """`channel` (the driver's channel of queue `name`) is about to close: leave it alone."""
+        self.forget(name)
+        self._released.add(channel)
+
+    def _handed_back(self, message: AbstractIncomingMessage) -> bool:
+        """Whether its channel is closed or closing: the broker requeues it for another consumer."""
+        channel = getattr(message, "channel", None)
+        if channel is None:
+            return False
+        return channel in self._released or bool(getattr(channel, "is_closed", False))
 
 
 def _log_retry(state: RetryCallState) -> None:

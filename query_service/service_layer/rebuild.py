@@ -105,6 +105,7 @@ class RebuildProgress:
     rate: float = 0.0  # events per second in this round
     eta_seconds: float | None = None
     elapsed_seconds: float = 0.0
+    replay_seconds: float = 0.0  # spent in finished rounds, from ReplayStarted to ReplayFinished
     switched: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -120,8 +121,14 @@ class RebuildProgress:
             "rate": round(self.rate, 1),
             "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
             "elapsed_seconds": round(self.elapsed_seconds, 1),
+            "events_per_second": round(self.events_per_second, 1),
             "read_models": self.read_models,
         }
+
+    @property
+    def events_per_second(self) -> float:
+        """Over every finished round: the rebuild's throughput."""
+        return self.events / self.replay_seconds if self.replay_seconds > 0 else 0.0
 
     def describe(self) -> str:
         models = ",".join(self.read_models)
@@ -135,7 +142,8 @@ class RebuildProgress:
         if self.state == "done":
             return (
                 f"{models}: switched ({', '.join(self.switched)}) after {self.round} round(s), "
-                f"{self.events} events in {self.elapsed_seconds:.1f}s"
+                f"{self.events} events replayed at {self.events_per_second:.0f} events/s, "
+                f"{self.elapsed_seconds:.1f}s in all"
             )
         return f"{models}: {self.state}, round {self.round}"
 
@@ -312,6 +320,7 @@ class Rebuild:
                             self._report()
                     case ReplayFinished(progress=finished):
                         progress.up_to_position = finished.up_to_position
+                        progress.replay_seconds += time.monotonic() - self._round_started
                         self._report()
                         log.info(
                             "replay_finished",

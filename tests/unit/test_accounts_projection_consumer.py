@@ -36,6 +36,7 @@ class FakeMessage:
     message_id: str | None = None
     routing_key: str | None = "account.MoneyDeposited"
     exchange: str | None = "cqrs.events"
+    consumer_tag: str | None = None
     settled: list[str] = field(default_factory=list)
 
     async def ack(self, multiple: bool = False) -> None:
