@@ -12,12 +12,12 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from pymongo import IndexModel, UpdateOne
+from pymongo import IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
 from query_service.adapters.mongo import Document, VersionedCollection
 from query_service.projections.base import ApplyResult, InvalidEvent, event_data
-from query_service.projections.bulk import skip_invalid, write_in_order
+from query_service.projections.bulk import Step, skip_invalid, write_steps
 from shared.ledger import (
     ACCOUNT,
     AccountClosed,
@@ -129,28 +129,29 @@ class AccountsProjection:
         )
 
     async def apply_batch(self, envelopes: Sequence[EventEnvelope]) -> None:
-        ops: list[UpdateOne] = []
-        for envelope in envelopes:
-            if self.handles(envelope):
-                op = skip_invalid(self._op, envelope)
-                if op is not None:
-                    ops.append(op)
-        await write_in_order(self._documents.collection, ops, self, envelopes)
+        steps = [
+            step
+            for envelope in envelopes
+            if self.handles(envelope) and (step := skip_invalid(self._step, envelope)) is not None
+        ]
+        await write_steps(self._documents.collection, steps)
 
-    def _op(self, envelope: EventEnvelope) -> UpdateOne:
+    def _step(self, envelope: EventEnvelope) -> Step:
         event = event_data(EVENT_TYPES[envelope.type], envelope)
-        account_id = str(envelope.aggregate_id)
+        aggregate_id = str(envelope.aggregate_id)
         if isinstance(event, AccountOpened):
-            return VersionedCollection.create_op(
-                account_id,
-                version=envelope.version,
-                position=envelope.position,
+            if envelope.version != 1:
+                raise InvalidEvent(f"a creating event must have version 1, not {envelope.version}")
+            return Step(
+                aggregate_id,
+                envelope.version,
+                envelope.position,
                 fields=opened_account(event, envelope),
             )
-        return VersionedCollection.advance_op(
-            account_id,
-            version=envelope.version,
-            position=envelope.position,
+        return Step(
+            aggregate_id,
+            envelope.version,
+            envelope.position,
             update=account_update(event, envelope.recorded_at),
         )
 

@@ -1,27 +1,33 @@
-"""Writing a run of replayed events with one ordered bulk write per collection.
+"""Writing a run of replayed events in few round trips, with the effect of one at a time.
 
-Every operation carries its own version guard, so an ordered bulk write has the effect of
-applying the events one by one; only the per-event outcome is not reported, which a rebuild
-does not need.
+A rebuild hands projections hundreds of events at once. Per aggregate, the consecutive events of
+a batch fold into one write: a new document built in memory for an aggregate the batch creates,
+or one update merging the events' updates, guarded by the version before the first of them.
+When a guard does not hold (the live projector or an earlier attempt got there first) or an
+insert collides, the batch is written again event by event with per-event guards, which skips
+what is already there; both ways end in the state applying the events one by one gives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+import copy
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import structlog
-from pymongo import UpdateOne
+from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError
 
-from query_service.adapters.mongo import Document, is_duplicate_only
+from query_service.adapters.mongo import Document, VersionedCollection, is_duplicate_only
 from query_service.projections.base import InvalidEvent, Projection
 from shared.messages import EventEnvelope
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+Update = Mapping[str, Mapping[str, Any]]
 
 
 def skip_invalid(build: Callable[[EventEnvelope], T], envelope: EventEnvelope) -> T | None:
@@ -42,21 +48,153 @@ def skip_invalid(build: Callable[[EventEnvelope], T], envelope: EventEnvelope) -
         return None
 
 
-async def write_in_order(
+def merge_updates(first: Update, second: Update) -> dict[str, dict[str, Any]]:
+    """One update with the effect of `first` then `second` (`$set`, `$inc` and `$max` only)."""
+    merged = {operator: dict(fields) for operator, fields in first.items()}
+    for operator, fields in second.items():
+        target = merged.setdefault(operator, {})
+        for path, value in fields.items():
+            if operator == "$set":
+                target[path] = value
+            elif operator == "$inc":
+                target[path] = target.get(path, 0) + value
+            elif operator == "$max":
+                target[path] = value if path not in target else max(target[path], value)
+            else:
+                raise ValueError(f"cannot merge {operator}")
+    return merged
+
+
+def merge_all(updates: Iterable[Update]) -> dict[str, dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {}
+    for update in updates:
+        merged = merge_updates(merged, update)
+    return merged
+
+
+def apply_update(document: Mapping[str, Any], update: Update) -> dict[str, Any]:
+    """`update` (`$set`, `$inc`, `$max`, dotted paths) applied in memory to a copy of `document`."""
+    result: dict[str, Any] = copy.deepcopy(dict(document))
+    for operator, fields in update.items():
+        for path, value in fields.items():
+            *parents, key = path.split(".")
+            target = result
+            for part in parents:
+                target = target.setdefault(part, {})
+            if operator == "$set":
+                target[key] = copy.deepcopy(value)
+            elif operator == "$inc":
+                target[key] = target.get(key, 0) + value
+            elif operator == "$max":
+                if key not in target or value > target[key]:
+                    target[key] = value
+            else:
+                raise ValueError(f"cannot apply {operator}")
+    return result
+
+
+def consecutive_runs(items: Iterable[T], key: Callable[[T], tuple[str, int]]) -> dict[str, list[T]]:
+    """Items grouped by aggregate, in order, without repeats, each cut at its first version gap.
+
+    What is left out would change nothing one by one either: a repeat is a duplicate, and what
+    follows a gap finds the gap.
+    """
+    runs: dict[str, list[T]] = {}
+    cut: set[str] = set()
+    for item in items:
+        aggregate, version = key(item)
+        run = runs.setdefault(aggregate, [])
+        if aggregate in cut or (run and version <= key(run[-1])[1]):
+            continue
+        if run and version != key(run[-1])[1] + 1:
+            cut.add(aggregate)
+            continue
+        run.append(item)
+    return runs
+
+
+@dataclass(frozen=True)
+class Step:
+    """One event as a change to its aggregate's document in a `VersionedCollection`."""
+
+    aggregate_id: str
+    version: int
+    position: int
+    fields: Mapping[str, Any] | None = None  # a creating event: the new document's fields
+    update: Update | None = None  # a later event: its update
+
+    def guarded_update(self) -> Update:
+        assert self.update is not None
+        return VersionedCollection.guarded(
+            self.aggregate_id, version=self.version, position=self.position, update=self.update
+        )[1]
+
+    def per_event(self) -> UpdateOne:
+        if self.fields is not None:
+            return VersionedCollection.create_op(
+                self.aggregate_id, version=self.version, position=self.position, fields=self.fields
+            )
+        assert self.update is not None
+        return VersionedCollection.advance_op(
+            self.aggregate_id, version=self.version, position=self.position, update=self.update
+        )
+
+
+async def write_steps(collection: AsyncCollection[Document], steps: Sequence[Step]) -> None:
+    """Write `steps` folded per aggregate; event by event where a guard or an insert fails."""
+    if not steps:
+        return
+    inserts: list[InsertOne[Document]] = []
+    updates: list[UpdateOne] = []
+    for aggregate, run in consecutive_runs(steps, lambda s: (s.aggregate_id, s.version)).items():
+        if not run:
+            continue
+        first = run[0]
+        if first.fields is not None:
+            document = VersionedCollection.new_document(
+                aggregate, version=first.version, position=first.position, fields=first.fields
+            )
+            for step in run[1:]:
+                document = apply_update(document, step.guarded_update())
+            inserts.append(InsertOne(document))
+        else:
+            combined = merge_all(step.guarded_update() for step in run)
+            updates.append(UpdateOne({"_id": aggregate, "version": first.version - 1}, combined))
+    if not await write_all_or_report(collection, inserts, updates):
+        await collection.bulk_write([step.per_event() for step in steps], ordered=True)
+
+
+async def write_all_or_report(
     collection: AsyncCollection[Document],
-    ops: Sequence[UpdateOne],
-    projection: Projection,
-    envelopes: Sequence[EventEnvelope],
+    inserts: Sequence[InsertOne[Document]],
+    updates: Sequence[UpdateOne],
+) -> bool:
+    """Unordered bulk writes of independent inserts and guarded updates; whether all took."""
+    complete = True
+    if inserts:
+        try:
+            await collection.bulk_write(list(inserts), ordered=False)
+        except BulkWriteError as e:
+            if not is_duplicate_only(e):
+                raise
+            complete = False
+    if updates:
+        result = await collection.bulk_write(list(updates), ordered=False)
+        complete = complete and result.matched_count == len(updates)
+    return complete
+
+
+async def insert_ignoring_duplicates(
+    collection: AsyncCollection[Document], documents: Sequence[Document]
 ) -> None:
-    """One ordered bulk write; when an upsert collided with a concurrent insert, go one by one."""
-    if not ops:
+    """Insert documents whose content follows from their id; one already there is the same."""
+    if not documents:
         return
     try:
-        await collection.bulk_write(list(ops), ordered=True)
+        await collection.insert_many(list(documents), ordered=False)
     except BulkWriteError as e:
         if not is_duplicate_only(e):
             raise
-        await apply_one_by_one(projection, envelopes)
 
 
 async def apply_one_by_one(projection: Projection, envelopes: Sequence[EventEnvelope]) -> None:
@@ -66,3 +204,6 @@ async def apply_one_by_one(projection: Projection, envelopes: Sequence[EventEnve
                 await projection.apply(envelope)
             except InvalidEvent:
                 continue
+
+
+Fallback = Callable[[], Awaitable[None]]

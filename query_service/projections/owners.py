@@ -22,11 +22,17 @@ from typing import Any, Final
 import structlog
 from pymongo import IndexModel, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
-from query_service.adapters.mongo import Document, is_duplicate_only
+from query_service.adapters.mongo import Document
 from query_service.projections.base import ApplyResult, InvalidEvent, event_data
-from query_service.projections.bulk import apply_one_by_one
+from query_service.projections.bulk import (
+    apply_update,
+    consecutive_runs,
+    insert_ignoring_duplicates,
+    merge_all,
+    write_all_or_report,
+)
 from shared.ledger import (
     ACCOUNT,
     AccountClosed,
@@ -240,20 +246,8 @@ class OwnerSummariesProjection:
         mine = [envelope for envelope in envelopes if self.handles(envelope)]
         if not mine:
             return
-        owners: dict[str, Owner] = {}
-        unknown = set()
-        for envelope in mine:
-            account_id = str(envelope.aggregate_id)
-            cached = self._cache.get(account_id)
-            if cached is not None:
-                owners[account_id] = cached
-            elif envelope.type != AccountOpened.type_name():
-                unknown.add(account_id)
-        if unknown:
-            async for doc in self._account_owners.find({"_id": {"$in": list(unknown)}}):
-                owners[str(doc["_id"])] = (str(doc["owner_id"]), str(doc["currency"]))
-        owner_ops: list[UpdateOne] = []
-        summary_ops: list[UpdateOne] = []
+        owners = await self._owners_for(mine)
+        changes: list[tuple[EventEnvelope, Event, Owner]] = []
         for envelope in mine:
             account_id = str(envelope.aggregate_id)
             try:
@@ -263,53 +257,124 @@ class OwnerSummariesProjection:
                         raise InvalidEvent(
                             f"a creating event must have version 1, not {envelope.version}"
                         )
-                    owner: Owner | None = owners.setdefault(
-                        account_id, (event.owner_id, event.currency)
-                    )
-                    assert owner is not None
-                    owner_ops.append(
-                        UpdateOne(
-                            {"_id": account_id},
-                            {"$setOnInsert": {"owner_id": owner[0], "currency": owner[1]}},
-                            upsert=True,
-                        )
-                    )
+                    owner = owners.setdefault(account_id, (event.owner_id, event.currency))
                     if owner != (event.owner_id, event.currency):
-                        continue
-                    summary_ops.append(
-                        UpdateOne(
-                            {"_id": owner[0]}, {"$setOnInsert": {"owner_id": owner[0]}}, upsert=True
-                        )
-                    )
-                    summary_ops.append(
-                        UpdateOne(
-                            {"_id": owner[0], f"accounts.{account_id}": {"$exists": False}},
-                            opening_update(event, envelope),
-                        )
-                    )
-                    continue
-                owner = owners.get(account_id)
-                if owner is None:
-                    continue  # not opened: applying it one by one finds a gap
-                summary_ops.append(
-                    UpdateOne(
-                        {"_id": owner[0], f"accounts.{account_id}.version": envelope.version - 1},
-                        summary_update(event, envelope, owner[1]),
-                    )
-                )
+                        continue  # a second opening with other data: the first one stands
+                elif account_id not in owners:
+                    continue  # not opened: one by one it finds a gap
+                else:
+                    owner = owners[account_id]
+                    summary_update(event, envelope, owner[1])  # raises for an impossible event
             except InvalidEvent as e:
                 log.warning(
                     "replayed_event_not_applicable", position=envelope.position, reason=str(e)
                 )
-        try:
-            if owner_ops:
-                await self._account_owners.bulk_write(owner_ops, ordered=True)
-            if summary_ops:
-                await self._summaries.bulk_write(summary_ops, ordered=True)
-        except BulkWriteError as e:
-            if not is_duplicate_only(e):
-                raise
-            await apply_one_by_one(self, mine)
+                continue
+            changes.append((envelope, event, owner))
+        await insert_ignoring_duplicates(
+            self._account_owners,
+            [
+                {"_id": str(envelope.aggregate_id), "owner_id": owner[0], "currency": owner[1]}
+                for envelope, event, owner in changes
+                if isinstance(event, AccountOpened)
+            ],
+        )
+        new_owners, folded = _fold_per_owner(changes)
+        if new_owners:
+            await self._summaries.bulk_write(
+                [
+                    UpdateOne({"_id": owner}, {"$setOnInsert": {"owner_id": owner}}, upsert=True)
+                    for owner in new_owners
+                ],
+                ordered=False,
+            )
+        if not await write_all_or_report(self._summaries, [], folded):
+            await self._summaries.bulk_write(_per_event_ops(changes), ordered=True)
+
+    async def _owners_for(self, envelopes: Sequence[EventEnvelope]) -> dict[str, Owner]:
+        owners: dict[str, Owner] = {}
+        unknown = set()
+        for envelope in envelopes:
+            account_id = str(envelope.aggregate_id)
+            cached = self._cache.get(account_id)
+            if cached is not None:
+                owners[account_id] = cached
+            elif envelope.type != AccountOpened.type_name():
+                unknown.add(account_id)
+        if unknown:
+            async for doc in self._account_owners.find({"_id": {"$in": list(unknown)}}):
+                owners[str(doc["_id"])] = (str(doc["owner_id"]), str(doc["currency"]))
+        return owners
+
+
+Change = tuple[EventEnvelope, Event, Owner]
+
+
+def _per_event_ops(changes: Sequence[Change]) -> list[UpdateOne]:
+    """Each event as its own guarded update, in order: what applying them one by one writes."""
+    ops: list[UpdateOne] = []
+    for envelope, event, (owner_id, currency) in changes:
+        account_id = str(envelope.aggregate_id)
+        if isinstance(event, AccountOpened):
+            ops.append(
+                UpdateOne({"_id": owner_id}, {"$setOnInsert": {"owner_id": owner_id}}, upsert=True)
+            )
+            ops.append(
+                UpdateOne(
+                    {"_id": owner_id, f"accounts.{account_id}": {"$exists": False}},
+                    opening_update(event, envelope),
+                )
+            )
+        else:
+            ops.append(
+                UpdateOne(
+                    {"_id": owner_id, f"accounts.{account_id}.version": envelope.version - 1},
+                    summary_update(event, envelope, currency),
+                )
+            )
+    return ops
+
+
+def _fold_per_owner(changes: Sequence[Change]) -> tuple[set[str], list[UpdateOne]]:
+    """One update per owner with the effect of all its changes, guarded per account.
+
+    Returns the owners whose document may need creating first, and the updates.
+    """
+    guards: dict[str, dict[str, Any]] = {}
+    updates: dict[str, list[dict[str, Any]]] = {}
+    new_owners: set[str] = set()
+    runs = consecutive_runs(changes, lambda c: (str(c[0].aggregate_id), c[0].version))
+    for account_id, run in runs.items():
+        if not run:
+            continue
+        first, first_event, (owner_id, currency) = run[0]
+        if isinstance(first_event, AccountOpened):
+            # Build the account's entry in memory: $set of a whole entry and $inc of one of its
+            # fields cannot go in one update.
+            scratch = apply_update({}, opening_update(first_event, first))
+            for envelope, event, _ in run[1:]:
+                scratch = apply_update(scratch, summary_update(event, envelope, currency))
+            guards.setdefault(owner_id, {})[f"accounts.{account_id}"] = {"$exists": False}
+            updates.setdefault(owner_id, []).append(
+                {
+                    "$set": {f"accounts.{account_id}": scratch["accounts"][account_id]},
+                    "$inc": {
+                        f"totals.{currency}.accounts": 1,
+                        f"totals.{currency}.balance": scratch["totals"][currency]["balance"],
+                    },
+                    "$max": {"updated_at": scratch["updated_at"]},
+                }
+            )
+            new_owners.add(owner_id)
+        else:
+            guards.setdefault(owner_id, {})[f"accounts.{account_id}.version"] = first.version - 1
+            updates.setdefault(owner_id, []).extend(
+                summary_update(event, envelope, currency) for envelope, event, _ in run
+            )
+    return new_owners, [
+        UpdateOne({"_id": owner_id, **guards[owner_id]}, merge_all(parts))
+        for owner_id, parts in updates.items()
+    ]
 
 
 class OwnerSummariesReadModel:

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import structlog
-from pymongo import IndexModel, UpdateOne
+from pymongo import IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
-from query_service.adapters.mongo import Document, VersionedCollection, is_duplicate_only
+from query_service.adapters.mongo import Document, VersionedCollection
 from query_service.projections.base import ApplyResult, InvalidEvent, event_data
-from query_service.projections.bulk import apply_one_by_one
+from query_service.projections.bulk import Step, insert_ignoring_duplicates, write_steps
 from shared.ledger import (
     ACCOUNT,
     AccountClosed,
@@ -131,11 +131,6 @@ def entry_document(envelope: EventEnvelope, moved: Movement, balance_after: int)
     }
 
 
-def _insert_op(document: Document) -> UpdateOne:
-    fields = {key: value for key, value in document.items() if key != "_id"}
-    return UpdateOne({"_id": document["_id"]}, {"$setOnInsert": fields}, upsert=True)
-
-
 def _head_update(moved: Movement | None) -> dict[str, Any]:
     return {"$inc": {"balance": moved.amount}} if moved is not None and moved.amount else {}
 
@@ -198,8 +193,8 @@ class TransactionsProjection:
                 {"_id": {"$in": ids}}, {"version": 1, "balance": 1}
             )
         }
-        entry_ops: list[UpdateOne] = []
-        head_ops: list[UpdateOne] = []
+        entries: list[Document] = []
+        steps: list[Step] = []
         for envelope in mine:
             account_id = str(envelope.aggregate_id)
             try:
@@ -213,37 +208,21 @@ class TransactionsProjection:
             current = heads.get(account_id)
             if isinstance(event, AccountOpened):
                 if current is None and envelope.version == 1:
-                    head_ops.append(
-                        VersionedCollection.create_op(
-                            account_id, version=1, position=envelope.position, fields={"balance": 0}
-                        )
-                    )
+                    steps.append(Step(account_id, 1, envelope.position, fields={"balance": 0}))
                     heads[account_id] = (1, 0)
                 continue
             if current is None or current[0] != envelope.version - 1:
-                continue  # already there, or after a gap: applying it one by one skips it too
+                continue  # already there, or after a gap: one by one it changes nothing either
             balance = current[1] + (moved.amount if moved is not None else 0)
             if moved is not None:
-                entry_ops.append(_insert_op(entry_document(envelope, moved, balance)))
-            head_ops.append(
-                VersionedCollection.advance_op(
-                    account_id,
-                    version=envelope.version,
-                    position=envelope.position,
-                    update=_head_update(moved),
-                )
+                entries.append(entry_document(envelope, moved, balance))
+            steps.append(
+                Step(account_id, envelope.version, envelope.position, update=_head_update(moved))
             )
             heads[account_id] = (envelope.version, balance)
-        try:
-            # Entries before heads, as one by one.
-            if entry_ops:
-                await self._entries.bulk_write(entry_ops, ordered=True)
-            if head_ops:
-                await self._heads.collection.bulk_write(head_ops, ordered=True)
-        except BulkWriteError as e:
-            if not is_duplicate_only(e):
-                raise
-            await apply_one_by_one(self, mine)
+        # Entries before heads, as one by one; an entry already there has the same content.
+        await insert_ignoring_duplicates(self._entries, entries)
+        await write_steps(self._heads.collection, steps)
 
 
 class TransactionsReadModel:

@@ -249,9 +249,10 @@ class Rebuild:
             assert state.target is not None
             model = self._catalog.models[name]
             # Leftovers of an abandoned attempt; the live projector may already write the
-            # target again, which is harmless: every write is version-guarded.
+            # target again, which is harmless: every write is version-guarded. Its secondary
+            # indexes are built just before the switch: maintaining them during the replay
+            # would cost more than building them once.
             await drop_generations(database, model, keep={state.current})
-            await ensure_indexes(database, model, state.target)
             log.info(
                 "rebuild_started",
                 rebuild_id=self.rebuild_id,
@@ -310,8 +311,15 @@ class Rebuild:
                             up_to_position=started.up_to_position,
                         )
                     case ReplayEvents(events=events):
-                        for projection in projections:
-                            await projection.apply_batch(events)
+                        # Read models are independent: write them side by side, and let
+                        # every write finish before a failure of one stops the rebuild.
+                        outcomes = await asyncio.gather(
+                            *(projection.apply_batch(events) for projection in projections),
+                            return_exceptions=True,
+                        )
+                        for outcome in outcomes:
+                            if isinstance(outcome, BaseException):
+                                raise outcome
                         progress.done += len(events)
                         progress.events += len(events)
                         now = time.monotonic()
@@ -354,6 +362,7 @@ class Rebuild:
         if behind:
             log.info("rebuild_target_behind", read_model=name, aggregates_behind=behind)
             return
+        await ensure_indexes(self._catalog.database, self._catalog.models[name], state.target)
         await registry.switch(name, self.rebuild_id, current=state.current, target=state.target)
         del self._pending[name]
         self.progress.switched.append(name)
