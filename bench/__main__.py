@@ -135,16 +135,19 @@ async def run(plan: Plan, servers: Servers, run_dir: Path) -> dict[str, Any]:
         one: dict[str, Any] = {"project": {}}
         directory = run_dir / f"run-{index + 1}"
         one["quiet"] = {}
-        _progress(f"run {index + 1}/{plan.runs}: raw limits")
-        one["quiet"]["raw"] = await wait_quiet(plan.quiet_wait_seconds)
-        one["raw"] = await _attempt(
-            errors, f"run {index + 1} raw", measure_raw(servers, plan, directory, seed=index)
-        )
-        _progress(f"run {index + 1}/{plan.runs}: naive pipeline")
-        one["quiet"]["naive"] = await wait_quiet(plan.quiet_wait_seconds)
-        one["naive"] = await _attempt(
-            errors, f"run {index + 1} naive", measure_naive(servers, plan, directory, seed=index)
-        )
+        if plan.references:
+            _progress(f"run {index + 1}/{plan.runs}: raw limits")
+            one["quiet"]["raw"] = await wait_quiet(plan.quiet_wait_seconds)
+            one["raw"] = await _attempt(
+                errors, f"run {index + 1} raw", measure_raw(servers, plan, directory, seed=index)
+            )
+            _progress(f"run {index + 1}/{plan.runs}: naive pipeline")
+            one["quiet"]["naive"] = await wait_quiet(plan.quiet_wait_seconds)
+            one["naive"] = await _attempt(
+                errors,
+                f"run {index + 1} naive",
+                measure_naive(servers, plan, directory, seed=index),
+            )
         for replicas in plan.replicas:
             _progress(
                 f"run {index + 1}/{plan.runs}: the project, {replicas} replica(s) of each service"
@@ -202,6 +205,11 @@ def main(argv: list[str] | None = None) -> None:
         "--profile", action="store_true", help="py-spy both services during the first max phase"
     )
     parser.add_argument(
+        "--no-references",
+        action="store_true",
+        help="skip the raw limits and the naive pipeline (for before/after runs of the project)",
+    )
+    parser.add_argument(
         "--source",
         type=Path,
         help="measure the services of another checkout (e.g. a git worktree with a change)",
@@ -217,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         profile=args.profile,
         replicas=tuple(args.replicas) if args.replicas else None,
         source=args.source,
+        references=not args.no_references,
     )
     servers = Servers.from_env()
     configure_logging("WARNING")  # the project's modules used here (migrations) log at INFO

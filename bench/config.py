@@ -56,6 +56,7 @@ class Plan:
     profile: bool
     quick: bool  # the CI smoke: the numbers mean nothing
     source: Path = REPO_ROOT  # the checkout whose services are measured
+    references: bool = True  # the raw limits and the naive pipeline (off: the project only)
 
 
 DEFAULT = Plan(
@@ -115,9 +116,10 @@ def plan_for(
     profile: bool,
     replicas: tuple[int, ...] | None,
     source: Path | None = None,
+    references: bool = True,
 ) -> Plan:
     base = QUICK if quick else DEFAULT
-    changes: dict[str, object] = {"profile": profile}
+    changes: dict[str, object] = {"profile": profile, "references": references}
     if runs is not None:
         changes["runs"] = runs
     if soak_seconds is not None:

@@ -588,9 +588,12 @@ async def measure_project(
                 workload.next,
                 concurrency=plan.concurrency,
                 seconds=plan.idle_timeout_seconds,
+                warmup=plan.warmup_seconds / 2,
                 max_commands=plan.backlog_commands,
                 on_outcome=opened,
             )
+            # The same closed loop with the read side stopped: what the command side alone does.
+            out["commands_only"] = _phase(backlog)
             await wait_store_idle(dsn, plan.idle_timeout_seconds)
             queues = projector_queues(PROJECTOR_PARTITIONS)
             depth = await probe.total_depth(queues)

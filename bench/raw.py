@@ -206,9 +206,9 @@ async def raw_append(
 
 
 async def raw_mongo(
-    mongo_url: str, database: str, *, seconds: float, concurrency: int, bulk: int
+    mongo_url: str, database: str, *, seconds: float, concurrency: int, bulks: tuple[int, ...]
 ) -> dict[str, float]:
-    """Version-guarded updates/s: one document per call, and in ordered bulks of `bulk`."""
+    """Version-guarded updates/s: one document per call, and in ordered bulks of each size."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
     try:
         collection = client[database]["raw_accounts"]
@@ -238,21 +238,22 @@ async def raw_mongo(
 
         deadline = time.perf_counter() + seconds
         await asyncio.gather(*(single(w) for w in range(concurrency)))
-        single_rate = updates / seconds
 
-        updates = 0
+        rates = {"single_updates_per_s": updates / seconds}
         ring = itertools.cycle(range(documents))
-        started = time.perf_counter()
-        deadline = started + seconds
-        while time.perf_counter() < deadline:
-            await collection.bulk_write(
-                [UpdateOne(*guarded(next(ring))) for _ in range(bulk)], ordered=True
-            )
-            updates += bulk
-        bulk_rate = updates / (time.perf_counter() - started)
+        for size in bulks:
+            updates = 0
+            started = time.perf_counter()
+            deadline = started + seconds
+            while time.perf_counter() < deadline:
+                await collection.bulk_write(
+                    [UpdateOne(*guarded(next(ring))) for _ in range(size)], ordered=True
+                )
+                updates += size
+            rates[f"bulk_{size}_updates_per_s"] = updates / (time.perf_counter() - started)
     finally:
         await client.close()
-    return {"single_updates_per_s": single_rate, "bulk_updates_per_s": bulk_rate}
+    return rates
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ from shared.messages import EventEnvelope, EventMetadata
 
 APPEND_CONCURRENCY = 10  # the command service's default pool size
 MONGO_CONCURRENCY = 64  # the projector's default prefetch
-MONGO_BULK = 500  # the query service's default rebuild batch
+# A prefetch window (what a live projector could write at once) and a rebuild batch.
+MONGO_BULKS = (64, 500)
 
 
 def typical_event_bytes() -> int:
@@ -116,7 +117,7 @@ async def measure_raw(servers: Servers, plan: Plan, run_dir: Path, seed: int) ->
             database,
             seconds=plan.raw_seconds,
             concurrency=MONGO_CONCURRENCY,
-            bulk=MONGO_BULK,
+            bulks=MONGO_BULKS,
         )
     return out
 

@@ -106,9 +106,9 @@ def naive_projection(run: Run) -> float | None:
 
 
 REFERENCE_ROWS: list[tuple[str, Extract, str]] = [
-    ("raw AMQP round trip: publish, consume, confirmed publish, reply /s", raw_amqp, "n"),
+    ("raw AMQP: publish, consume, confirmed publish, reply /s", raw_amqp, "n"),
     (
-        "raw asyncpg append, the event store's statements, appends/s",
+        "raw asyncpg append, event store's statements, appends/s",
         reference("raw", "append", "appends_per_s"),
         "n",
     ),
@@ -124,8 +124,13 @@ REFERENCE_ROWS: list[tuple[str, Extract, str]] = [
         "n",
     ),
     (
+        "raw MongoDB guarded bulk_write of 64, updates/s",
+        reference("raw", "mongo", "bulk_64_updates_per_s"),
+        "n",
+    ),
+    (
         "raw MongoDB guarded bulk_write of 500, updates/s",
-        reference("raw", "mongo", "bulk_updates_per_s"),
+        reference("raw", "mongo", "bulk_500_updates_per_s"),
         "n",
     ),
     ("naive pipeline: accepted commands/s", naive_commands, "n"),
@@ -156,6 +161,11 @@ def project_rows(replicas: int) -> list[tuple[str, Extract, str]]:
             "  machine CPU busy at max",
             lambda r: _ratio(p("max", "machine_busy_pct")(r), 100.0),
             "pct",
+        ),
+        (
+            "  with the query service stopped (command side alone)",
+            p("commands_only", "accepted_per_s"),
+            "n",
         ),
         ("  pipeline idle again after max, s", p("idle_after_max_s"), "s"),
         ("events projected/s (backlog drain)", p("projection", "events_per_s"), "n"),
@@ -253,25 +263,28 @@ def render(result: dict[str, Any]) -> str:
             f"waited {sum(q['waited_s'] for q in quiet):.0f} s in all"
         )
     lines.append("")
-    width = 62
+    width = 58
     lines.append(f"{'references (measured in the same run)':<{width}} value")
     for label, extract, kind in REFERENCE_ROWS:
         lines.append(f"  {label:<{width - 2}} {cell(summarize(runs, extract), kind, spread)}")
     lines.append("")
     header = f"{'the project':<{width}} " + " ".join(
-        f"{f'{n} replica' + ('s' if n > 1 else ''):<24}" for n in replicas
+        f"{f'{n} replica' + ('s' if n > 1 else ''):<26}" for n in replicas
     )
     lines.append(header.rstrip())
     table: list[tuple[str, list[str]]] = []
     per_replica = [project_rows(n) for n in replicas]
-    for index in range(len(per_replica[0])):
-        label = per_replica[0][index][0]
+    labels = [label for label, _, _ in per_replica[0]]
+    for index, label in enumerate(labels):
+        # A pair shown as `p50 / p99` in one cell shows medians only, or it would not fit.
+        paired = not label or (index + 1 < len(labels) and not labels[index + 1])
         cells = [
-            cell(summarize(runs, rows[index][1]), rows[index][2], spread) for rows in per_replica
+            cell(summarize(runs, rows[index][1]), rows[index][2], spread and not paired)
+            for rows in per_replica
         ]
         table.append((label, cells))
     for label, cells in _merge_pairs(table):
-        lines.append(f"  {label:<{width - 2}} " + " ".join(f"{c:<24}" for c in cells).rstrip())
+        lines.append(f"  {label:<{width - 2}} " + " ".join(f"{c:<26}" for c in cells).rstrip())
     lines.append("")
     lines.append("targets (medians; not asserted)")
     for verdict in targets(result):
