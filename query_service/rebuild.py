@@ -98,6 +98,12 @@ def main(
         bool, typer.Option("--status", help="show generations and rebuild progress, then exit")
     ] = False,
 ) -> None:
+    """Rebuild read models from a replay of the event store, without stopping queries.
+
+    Prints events done / total, rate and ETA every second; switches each read model to its new
+    generation once it has caught up with the live stream. Exit 0: switched; 1: failed (the
+    current generation is untouched).
+    """
     settings = QueryServiceSettings()
     configure_logging(settings.log_level, settings.log_json)
     if show_status:

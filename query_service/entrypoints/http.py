@@ -499,7 +499,11 @@ async def _read_model_status(catalog: ReadModelCatalog, name: str) -> dict[str, 
     "/rebuilds",
     status_code=202,
     response_model=RebuildStarted,
-    responses={409: {"model": ErrorDetail}, 422: {"model": ErrorDetail}},
+    responses={
+        409: {"model": ErrorDetail},
+        422: {"model": ErrorDetail},
+        503: {"model": ErrorDetail},
+    },
 )
 async def post_rebuild(
     request: Request, catalog: Catalog, body: Annotated[RebuildRequest, Body()]
@@ -520,6 +524,8 @@ async def post_rebuild(
         rebuild_id = await runner.start(body.read_models)
     except RebuildConflictError as e:
         raise HTTPException(status_code=409, detail=str(e)) from e
+    except BROKER_PROBE_ERRORS as e:
+        raise HTTPException(status_code=503, detail=f"broker unavailable: {e!r}") from e
     return RebuildStarted(
         rebuild_id=rebuild_id,
         read_models=body.read_models,

@@ -274,9 +274,11 @@ class ProjectorConsumer:
                     log.info(
                         "event_projected", position=envelope.position, projections=list(applied)
                     )
-                else:
+                elif duplicates:
                     self.metrics.duplicates += 1
                     log.info("event_duplicate_ignored", projections=list(duplicates))
+                else:
+                    log.debug("event_not_projected")  # no read model wants it
             case Rejected(reason=reason):
                 await self._park(message, reason, key)
 
