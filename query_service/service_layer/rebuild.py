@@ -221,9 +221,6 @@ class Rebuild:
         try:
             await self._prepare()
             await self._rounds()
-            self._set_state("retiring")
-            await asyncio.sleep(self._policy.retire_seconds)
-            await self._retire()
         except BaseException as e:
             error = self._lost or e
             self.progress.error = repr(error)
@@ -238,6 +235,13 @@ class Rebuild:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+        # Every read model is switched; what is left is dropping the replaced generations once
+        # no query can still be reading them. If this process stops first, the next rebuild
+        # of the model drops them.
+        self._set_state("retiring")
+        await self._save_progress(self.progress.switched)
+        await asyncio.sleep(self._policy.retire_seconds)
+        await self._retire()
         self._set_state("done")
         await self._save_progress(self.progress.switched)
         log.info("rebuild_done", rebuild_id=self.rebuild_id, **self.progress.as_fields())
