@@ -582,7 +582,6 @@ class RebuildRunner:
 
 def rebuild_policy(settings: QueryServiceSettings) -> RebuildPolicy:
     return RebuildPolicy(
-        batch_size=settings.rebuild_batch_size,
         max_rounds=settings.rebuild_max_rounds,
         retire_seconds=settings.rebuild_retire_seconds,
     )

@@ -11,7 +11,7 @@ what is already there; both ways end in the state applying the events one by one
 from __future__ import annotations
 
 import copy
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,7 +21,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError
 
 from query_service.adapters.mongo import Document, VersionedCollection, is_duplicate_only
-from query_service.projections.base import InvalidEvent, Projection
+from query_service.projections.base import InvalidEvent
 from shared.messages import EventEnvelope
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
@@ -195,15 +195,3 @@ async def insert_ignoring_duplicates(
     except BulkWriteError as e:
         if not is_duplicate_only(e):
             raise
-
-
-async def apply_one_by_one(projection: Projection, envelopes: Sequence[EventEnvelope]) -> None:
-    for envelope in envelopes:
-        if projection.handles(envelope):
-            try:
-                await projection.apply(envelope)
-            except InvalidEvent:
-                continue
-
-
-Fallback = Callable[[], Awaitable[None]]

@@ -153,7 +153,8 @@ ProgressCallback = Callable[[RebuildProgress], None]
 
 @dataclass(frozen=True)
 class RebuildPolicy:
-    batch_size: int = 500
+    """How a rebuild proceeds (the replay source decides the batch size)."""
+
     max_rounds: int = 20
     retire_seconds: float = 10.0
     progress_seconds: float = 1.0

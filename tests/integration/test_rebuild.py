@@ -61,7 +61,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 ALL = ["accounts", "transactions", "owner_summaries", "transfers"]
-FAST = RebuildPolicy(batch_size=100, retire_seconds=0.2, progress_seconds=0.2)
+FAST = RebuildPolicy(retire_seconds=0.2, progress_seconds=0.2)
 
 
 @pytest.fixture
