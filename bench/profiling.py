@@ -16,6 +16,7 @@ from typing import Any
 
 from bench.config import REPO_ROOT
 
+_PROJECT_PATH = re.compile(r"/(command_service|query_service|shared|bench)/")
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -61,6 +62,11 @@ def _short(frame: str) -> str:
         if marker in path:
             path = path.split(marker, 1)[1]
             break
+    else:
+        # The services of another checkout (--source): cut the path at the package.
+        project = _PROJECT_PATH.search(path)
+        if project is not None:
+            path = path[project.start() + 1 :]
     return f"{match['function']} ({path})"
 
 
