@@ -164,10 +164,20 @@ async def init_connection(connection: Connection) -> None:
     )
 
 
+async def _keep_session(connection: Connection) -> None:
+    """Pool release without the default reset round trip: these sessions never LISTEN, take
+    session locks or SET anything (asyncpg still ends an open transaction)."""
+
+
 async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
     async with translate_driver_errors():
         pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=size, init=init_connection, command_timeout=30
+            dsn,
+            min_size=1,
+            max_size=size,
+            init=init_connection,
+            reset=_keep_session,
+            command_timeout=30,
         )
     assert pool is not None
     return pool
