@@ -50,3 +50,23 @@ REPLAY_EXCHANGE = "cqrs.replay"
 REPLAY_REQUESTS_QUEUE = "cqrs.replay.requests"
 REPLAY_STARTED = "ReplayStarted"
 REPLAY_FINISHED = "ReplayFinished"
+
+
+def declared_names(max_partitions: int) -> tuple[list[str], list[str]]:
+    """Every queue and exchange the two services declare, for up to `max_partitions` partitions.
+
+    For tools that clear a vhost (tests, benchmarks); queues first, as they bind to exchanges.
+    """
+    queues = [COMMAND_DEAD_LETTER_QUEUE, PROJECTOR_PARKED_QUEUE, REPLAY_REQUESTS_QUEUE]
+    queues += [command_partition_queue(i) for i in range(max_partitions)]
+    queues += [projector_partition_queue(i) for i in range(max_partitions)]
+    exchanges = [
+        COMMAND_PARTITION_EXCHANGE,
+        COMMAND_DEAD_LETTER_EXCHANGE,
+        PROJECTOR_PARTITION_EXCHANGE,
+        PROJECTOR_PARKED_EXCHANGE,
+        COMMANDS_EXCHANGE,
+        EVENTS_EXCHANGE,
+        REPLAY_EXCHANGE,
+    ]
+    return queues, exchanges

@@ -133,24 +133,10 @@ async def reset_broker(amqp_url: str) -> None:
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel()
-        queues = [
-            topology.COMMAND_DEAD_LETTER_QUEUE,
-            topology.PROJECTOR_PARKED_QUEUE,
-            topology.REPLAY_REQUESTS_QUEUE,
-        ]
-        queues += [topology.command_partition_queue(i) for i in range(MAX_TEST_PARTITIONS)]
-        queues += [topology.projector_partition_queue(i) for i in range(MAX_TEST_PARTITIONS)]
+        queues, exchanges = topology.declared_names(MAX_TEST_PARTITIONS)
         for queue in queues:
             await channel.queue_delete(queue)
-        for exchange in (
-            topology.COMMAND_PARTITION_EXCHANGE,
-            topology.COMMAND_DEAD_LETTER_EXCHANGE,
-            topology.PROJECTOR_PARTITION_EXCHANGE,
-            topology.PROJECTOR_PARKED_EXCHANGE,
-            topology.REPLAY_EXCHANGE,
-            topology.COMMANDS_EXCHANGE,
-            topology.EVENTS_EXCHANGE,
-        ):
+        for exchange in exchanges:
             await channel.exchange_delete(exchange)
     finally:
         await connection.close()
