@@ -220,6 +220,8 @@ class Driver:
 
         async def one() -> None:
             async with slots:
+                if time.monotonic() >= deadline:
+                    return  # offered while the system was behind: dropped, never sent
                 with contextlib.suppress(ConnectionError, aio_pika.exceptions.AMQPException):
                     await self.send_one()
 
