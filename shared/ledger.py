@@ -196,6 +196,21 @@ class TransferFailed(Event):
     reason: str
 
 
+# The events an account's stream holds, and a transfer's.
+ACCOUNT_EVENTS: tuple[type[Event], ...] = (
+    AccountOpened,
+    MoneyDeposited,
+    MoneyWithdrawn,
+    AccountFrozen,
+    AccountUnfrozen,
+    AccountClosed,
+    MoneyDebitedForTransfer,
+    MoneyCreditedFromTransfer,
+    TransferDebitRefunded,
+    TransferDebitSettled,
+)
+TRANSFER_EVENTS: tuple[type[Event], ...] = (TransferRequested, TransferCompleted, TransferFailed)
+
 COMMANDS: tuple[type[Command], ...] = (
     OpenAccount,
     DepositMoney,

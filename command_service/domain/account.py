@@ -9,6 +9,7 @@ from uuid import UUID
 from command_service.domain.aggregate import Aggregate, DomainError
 from shared.ledger import (
     ACCOUNT,
+    ACCOUNT_EVENTS,
     COMMANDS,
     INTERNAL_COMMANDS,
     MAX_BALANCE,
@@ -48,18 +49,7 @@ class Account(Aggregate):
     aggregate_type = ACCOUNT
     commands = tuple(c for c in COMMANDS if c.aggregate_type == ACCOUNT)
     internal_commands = tuple(c for c in INTERNAL_COMMANDS if c.aggregate_type == ACCOUNT)
-    events = (
-        AccountOpened,
-        MoneyDeposited,
-        MoneyWithdrawn,
-        AccountFrozen,
-        AccountUnfrozen,
-        AccountClosed,
-        MoneyDebitedForTransfer,
-        MoneyCreditedFromTransfer,
-        TransferDebitRefunded,
-        TransferDebitSettled,
-    )
+    events = ACCOUNT_EVENTS
     snapshot_schema = 1
 
     def __init__(self, aggregate_id: UUID) -> None:

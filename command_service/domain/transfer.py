@@ -23,6 +23,7 @@ from command_service.domain.process import (
 )
 from shared.ledger import (
     TRANSFER,
+    TRANSFER_EVENTS,
     CompleteTransfer,
     CreditFromTransfer,
     DebitForTransfer,
@@ -48,7 +49,7 @@ class Transfer(Aggregate):
     aggregate_type = TRANSFER
     commands = (RequestTransfer,)
     internal_commands = (CompleteTransfer, FailTransfer)
-    events = (TransferRequested, TransferCompleted, TransferFailed)
+    events = TRANSFER_EVENTS
 
     def __init__(self, aggregate_id: UUID) -> None:
         super().__init__(aggregate_id)

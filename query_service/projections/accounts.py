@@ -20,6 +20,7 @@ from query_service.projections.base import ApplyResult, InvalidEvent, event_data
 from query_service.projections.bulk import Step, skip_invalid, write_steps
 from shared.ledger import (
     ACCOUNT,
+    ACCOUNT_EVENTS,
     AccountClosed,
     AccountFrozen,
     AccountOpened,
@@ -35,21 +36,7 @@ from shared.messages import Event, EventEnvelope
 
 AccountStatus = Literal["open", "frozen", "closed"]
 
-EVENT_TYPES: Final[dict[str, type[Event]]] = {
-    model.type_name(): model
-    for model in (
-        AccountOpened,
-        MoneyDeposited,
-        MoneyWithdrawn,
-        AccountFrozen,
-        AccountUnfrozen,
-        AccountClosed,
-        MoneyDebitedForTransfer,
-        MoneyCreditedFromTransfer,
-        TransferDebitRefunded,
-        TransferDebitSettled,
-    )
-}
+EVENT_TYPES: Final[dict[str, type[Event]]] = {e.type_name(): e for e in ACCOUNT_EVENTS}
 
 
 def opened_account(event: AccountOpened, envelope: EventEnvelope) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from query_service.projections.bulk import (
 )
 from shared.ledger import (
     ACCOUNT,
+    ACCOUNT_EVENTS,
     AccountClosed,
     AccountFrozen,
     AccountOpened,
@@ -56,21 +57,7 @@ ACCOUNT_OWNERS: Final = "owner_summary_accounts"
 # Owner and currency never change once an account is opened, so they can be remembered.
 OWNER_CACHE_SIZE = 100_000
 
-EVENT_TYPES: Final[dict[str, type[Event]]] = {
-    model.type_name(): model
-    for model in (
-        AccountOpened,
-        MoneyDeposited,
-        MoneyWithdrawn,
-        AccountFrozen,
-        AccountUnfrozen,
-        AccountClosed,
-        MoneyDebitedForTransfer,
-        MoneyCreditedFromTransfer,
-        TransferDebitRefunded,
-        TransferDebitSettled,
-    )
-}
+EVENT_TYPES: Final[dict[str, type[Event]]] = {e.type_name(): e for e in ACCOUNT_EVENTS}
 
 Owner = tuple[str, str]  # owner id, currency
 

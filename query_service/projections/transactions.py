@@ -32,6 +32,7 @@ from query_service.projections.base import ApplyResult, InvalidEvent, event_data
 from query_service.projections.bulk import Step, insert_ignoring_duplicates, write_steps
 from shared.ledger import (
     ACCOUNT,
+    ACCOUNT_EVENTS,
     AccountClosed,
     AccountFrozen,
     AccountOpened,
@@ -53,21 +54,7 @@ HEADS: Final = "transaction_heads"
 
 TransactionKind = Literal["deposit", "withdrawal", "transfer_out", "transfer_in", "transfer_refund"]
 
-EVENT_TYPES: Final[dict[str, type[Event]]] = {
-    model.type_name(): model
-    for model in (
-        AccountOpened,
-        MoneyDeposited,
-        MoneyWithdrawn,
-        AccountFrozen,
-        AccountUnfrozen,
-        AccountClosed,
-        MoneyDebitedForTransfer,
-        MoneyCreditedFromTransfer,
-        TransferDebitRefunded,
-        TransferDebitSettled,
-    )
-}
+EVENT_TYPES: Final[dict[str, type[Event]]] = {e.type_name(): e for e in ACCOUNT_EVENTS}
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,18 @@ from pymongo.asynchronous.collection import AsyncCollection
 from query_service.adapters.mongo import Document, VersionedCollection
 from query_service.projections.base import ApplyResult, InvalidEvent, event_data
 from query_service.projections.bulk import Step, skip_invalid, write_steps
-from shared.ledger import TRANSFER, TransferCompleted, TransferFailed, TransferRequested
+from shared.ledger import (
+    TRANSFER,
+    TRANSFER_EVENTS,
+    TransferCompleted,
+    TransferFailed,
+    TransferRequested,
+)
 from shared.messages import Event, EventEnvelope
 
 NAME: Final = "transfers"
 
-EVENT_TYPES: Final[dict[str, type[Event]]] = {
-    model.type_name(): model for model in (TransferRequested, TransferCompleted, TransferFailed)
-}
+EVENT_TYPES: Final[dict[str, type[Event]]] = {e.type_name(): e for e in TRANSFER_EVENTS}
 
 
 def requested_transfer(event: TransferRequested, envelope: EventEnvelope) -> dict[str, Any]:
