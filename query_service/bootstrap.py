@@ -28,9 +28,9 @@ from query_service.entrypoints.partitions import PartitionBalancer, PartitionSub
 from query_service.entrypoints.projector import (
     DEFAULT_RETRY_POLICY,
     ProjectorConsumer,
-    ProjectorMetrics,
     RetryPolicy,
 )
+from query_service.metrics import ProjectorMetrics
 from query_service.projections.base import BatchProjection
 from query_service.projections.ledger import build_catalog
 from query_service.service_layer.projector import GapPolicy, Projector

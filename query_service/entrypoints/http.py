@@ -13,8 +13,10 @@ aggregate; when it does not in time the answer is 504 with `Retry-After`, never 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, TypeVar
@@ -23,9 +25,12 @@ from uuid import UUID
 import structlog
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo.asynchronous.database import AsyncDatabase
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from query_service.adapters import broker as amqp
 from query_service.adapters.mongo import (
@@ -36,7 +41,7 @@ from query_service.adapters.mongo import (
     create_client,
 )
 from query_service.adapters.read_models import ReadModelCatalog, RebuildConflictError
-from query_service.entrypoints.projector import ProjectorMetrics
+from query_service.metrics import UNMATCHED_ROUTE, ProjectorMetrics, QueryMetrics
 from query_service.projections.ledger import build_catalog
 from query_service.service_layer.rebuild import RebuildPolicy, RebuildProgress
 from query_service.views import (
@@ -75,6 +80,7 @@ DEFAULT_PAGE = 50
 MAX_COUNTER = 2**62
 CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,512}$"
 PROBE_TIMEOUT_SECONDS = 2.0
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 # --- parameters ------------------------------------------------------------------------------
@@ -442,6 +448,7 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
             )
         checks["broker"] = {"ok": True}
         lag = sum(depths[name] for name in partitions)
+        _prometheus(request).projection_lag_events.set(lag)
         checks["lag"] = {
             "ok": lag <= settings.readyz_max_lag,
             "events": lag,
@@ -465,6 +472,63 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
     ready = all(check.get("ok") for check in checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks, detail=detail)
     return JSONResponse(status_code=200 if ready else 503, content=body.model_dump(mode="json"))
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request, settings: Settings) -> Response:
+    """Prometheus metrics; the projection lag in events is measured now, from the broker."""
+    prometheus = _prometheus(request)
+    link: amqp.BrokerLink = request.app.state.broker
+    partitions = [projector_partition_queue(i) for i in range(settings.projector_partitions)]
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+            depths = await amqp.queue_depths(await link.connection(), partitions)
+        prometheus.projection_lag_events.set(sum(depths.values()))
+    except BROKER_PROBE_ERRORS as e:
+        # Unknown is not zero: a dashboard shows a gap rather than a healthy-looking lag.
+        prometheus.projection_lag_events.set(math.nan)
+        log.debug("metrics_lag_unknown", error=repr(e))
+    return Response(prometheus.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _prometheus(request: Request) -> QueryMetrics:
+    prometheus: QueryMetrics = request.app.state.prometheus
+    return prometheus
+
+
+class RequestTimer:
+    """ASGI middleware: times each HTTP request into `cqrs_http_request_seconds`.
+
+    The `route` label is the matched route's template (`/accounts/{account_id}`), never the raw
+    path, so the number of series stays bounded whatever clients send.
+    """
+
+    def __init__(self, app: ASGIApp, *, prometheus: QueryMetrics) -> None:
+        self._app = app
+        self._histogram = prometheus.http_request_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # unless the app starts a response
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_with_status)
+        finally:
+            route: BaseRoute | None = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED_ROUTE
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            self._histogram.labels(method, template, str(status)).observe(
+                time.perf_counter() - started
+            )
 
 
 # --- admin -----------------------------------------------------------------------------------
@@ -645,6 +709,9 @@ def create_app(
                 await client.close()
 
     app = FastAPI(title="cqrs-ledger query API", version="0.2.0", lifespan=lifespan)
+    prometheus = QueryMetrics(projector=metrics)
+    app.state.prometheus = prometheus
+    app.add_middleware(RequestTimer, prometheus=prometheus)
     app.include_router(router)
     app.include_router(admin)
     for error in TRANSIENT_ERRORS:

@@ -31,6 +31,7 @@ from tenacity import (
 
 from query_service.adapters.mongo import TRANSIENT_ERRORS
 from query_service.entrypoints.lanes import AggregateLanes
+from query_service.metrics import ProjectorMetrics
 from query_service.service_layer.projector import Outcome, Projected, Rejected
 from shared.messages import EventEnvelope
 from shared.topology import AGGREGATE_ID_HEADER
@@ -64,17 +65,6 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
-
-
-@dataclass
-class ProjectorMetrics:
-    """Counters of this process's consumer; `parked` is the alert signal (shown by /readyz)."""
-
-    projected: int = 0
-    duplicates: int = 0
-    parked: int = 0
-    requeued: int = 0
-    last_parked_reason: str | None = None
 
 
 def parse_envelope(
@@ -208,15 +198,16 @@ class ProjectorConsumer:
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         # Everything up to `lanes.join` must stay synchronous: tasks start in delivery order,
         # and that order is the lane order only if no task yields before joining.
+        headers = dict(message.headers or {})
         try:
-            envelope = parse_envelope(
-                message.body, dict(message.headers or {}), max_bytes=self._max_body_bytes
-            )
+            envelope = parse_envelope(message.body, headers, max_bytes=self._max_body_bytes)
         except UnreadableMessage as e:
+            aggregate_id = _as_uuid(headers.get(AGGREGATE_ID_HEADER))
             with structlog.contextvars.bound_contextvars(
                 correlation_id=message.correlation_id,
                 message_id=message.message_id,
                 routing_key=message.routing_key,
+                aggregate_id=str(aggregate_id) if aggregate_id else None,
             ):
                 await self._park(message, str(e))
             return
@@ -224,10 +215,12 @@ class ProjectorConsumer:
         key = str(envelope.aggregate_id)
         with structlog.contextvars.bound_contextvars(
             correlation_id=envelope.metadata.correlation_id or message.correlation_id,
+            causation_id=envelope.metadata.causation_id,
             event_id=str(envelope.event_id),
             event_type=envelope.type,
             aggregate_id=key,
             version=envelope.version,
+            position=envelope.position,
         ):
             previous, turn = self._lanes.join(key)
             try:
@@ -270,13 +263,11 @@ class ProjectorConsumer:
                 if not await self._settle(message):
                     self._lanes.hold_back(key)
                 elif applied:
-                    self.metrics.projected += 1
-                    log.info(
-                        "event_projected", position=envelope.position, projections=list(applied)
-                    )
+                    self.metrics.count_projected(envelope.type, envelope.recorded_at)
+                    log.debug("event_projected", projections=list(applied))
                 elif duplicates:
                     self.metrics.duplicates += 1
-                    log.info("event_duplicate_ignored", projections=list(duplicates))
+                    log.debug("event_duplicate_ignored", projections=list(duplicates))
                 else:
                     log.debug("event_not_projected")  # no read model wants it
             case Rejected(reason=reason):

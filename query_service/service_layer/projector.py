@@ -107,7 +107,7 @@ async def _project_shadow(envelope: EventEnvelope, shadow: Shadow) -> None:
     except InvalidEvent:
         return  # the live projection parks it; the replay skips it the same way
     if result.status is ApplyStatus.GAP:
-        log.info("event_skipped_for_rebuild", projection=shadow.projection.name)
+        log.debug("event_skipped_for_rebuild", projection=shadow.projection.name)
         await shadow.on_skip(envelope.position)
 
 

@@ -1,0 +1,107 @@
+"""The query service's Prometheus metrics, in a registry of the service's own.
+
+The projector counts in `ProjectorMetrics`, plain integers on the hot path; `ProjectorCollector`
+turns them into Prometheus families when scraped, so `/metrics` and `/readyz` read one source.
+Each app gets its own `CollectorRegistry`, so several services in one process never clash.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+# Label value of a request no route matched, so stray paths cannot grow the label set.
+UNMATCHED_ROUTE = "<unmatched>"
+
+
+@dataclass
+class ProjectorMetrics:
+    """Counters of this process's projector consumer; `parked` is the alert signal."""
+
+    projected_by_type: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    parked: int = 0
+    requeued: int = 0
+    last_parked_reason: str | None = None
+    newest_recorded_at: datetime | None = None
+
+    @property
+    def projected(self) -> int:
+        return sum(self.projected_by_type.values())
+
+    def count_projected(self, event_type: str, recorded_at: datetime) -> None:
+        self.projected_by_type[event_type] += 1
+        if self.newest_recorded_at is None or recorded_at > self.newest_recorded_at:
+            self.newest_recorded_at = recorded_at
+
+    def lag_seconds(self) -> float:
+        """Now minus `recorded_at` of the newest projected event (NaN before the first)."""
+        if self.newest_recorded_at is None:
+            return math.nan
+        return max(time.time() - self.newest_recorded_at.timestamp(), 0.0)
+
+
+class ProjectorCollector(Collector):
+    """Exposes a `ProjectorMetrics` in the Prometheus format when scraped."""
+
+    def __init__(self, metrics: ProjectorMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        metrics = self._metrics
+        projected = CounterMetricFamily(
+            "cqrs_events_projected",
+            "Events written into at least one read model, by event type",
+            labels=["event_type"],
+        )
+        for event_type, count in sorted(metrics.projected_by_type.items()):
+            projected.add_metric([event_type], count)
+        yield projected
+        yield CounterMetricFamily(
+            "cqrs_duplicates_suppressed",
+            "Redelivered or duplicated events every read model already had",
+            value=metrics.duplicates,
+        )
+        yield CounterMetricFamily(
+            "cqrs_parked_events",
+            "Events set aside in the parked queue with the reason they cannot be projected",
+            value=metrics.parked,
+        )
+        yield GaugeMetricFamily(
+            "cqrs_projection_lag_seconds",
+            "Now minus recorded_at of the newest event this process projected",
+            value=metrics.lag_seconds(),
+        )
+
+
+class QueryMetrics:
+    """The metrics one query-service app serves at `/metrics`."""
+
+    def __init__(self, projector: ProjectorMetrics | None = None) -> None:
+        self.registry = CollectorRegistry()
+        if projector is not None:
+            self.registry.register(ProjectorCollector(projector))
+        self.projection_lag_events = Gauge(
+            "cqrs_projection_lag_events",
+            "Events waiting in the projector's partition queues (refreshed when scraped)",
+            registry=self.registry,
+        )
+        self.projection_lag_events.set(math.nan)
+        self.http_request_seconds = Histogram(
+            "cqrs_http_request_seconds",
+            "HTTP requests by method, route template and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
