@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import aio_pika
 import asyncpg
 import structlog
-from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
 from command_service.adapters import broker
 from command_service.adapters.event_store import PostgresEventStore, create_pool
@@ -68,7 +68,7 @@ class CommandService:
         log.info("command_service_stopped")
 
 
-async def _start_partition(consumer: CommandConsumer, queue: AbstractQueue) -> None:
+async def _start_partition(consumer: CommandConsumer, queue: str) -> None:
     consumer.start_partition(queue)
 
 
@@ -77,9 +77,10 @@ async def start(settings: CommandServiceSettings) -> CommandService:
     await migrate_schema(settings.postgres_migration_dsn or settings.postgres_dsn)
     pool = await create_pool(settings.postgres_dsn, settings.postgres_pool_size)
     amqp = await aio_pika.connect_robust(settings.amqp_url)
-    consume_channel = await amqp.channel()
-    await consume_channel.set_qos(prefetch_count=settings.prefetch)
-    queues = await broker.declare_command_topology(consume_channel, settings.command_partitions)
+    topology_channel = await amqp.channel()
+    declared = await broker.declare_command_topology(topology_channel, settings.command_partitions)
+    queues = [queue.name for queue in declared]
+    await topology_channel.close()
     confirmed = await amqp.channel(publisher_confirms=True)
     replies = await amqp.channel(publisher_confirms=False)
     relay_channel = await amqp.channel(publisher_confirms=True)
@@ -92,6 +93,8 @@ async def start(settings: CommandServiceSettings) -> CommandService:
         snapshot_every=settings.snapshot_every,
     )
     consumer = CommandConsumer(
+        connection=amqp,
+        prefetch=settings.prefetch,
         handle=handle,
         registry=registry,
         replies=replies.default_exchange,
@@ -131,7 +134,7 @@ async def start(settings: CommandServiceSettings) -> CommandService:
         dsn=settings.postgres_dsn,
         partitions=len(queues),
         acquire=lambda index: _start_partition(consumer, queues[index]),
-        release=lambda index: consumer.stop_partition(queues[index].name),
+        release=lambda index: consumer.stop_partition(queues[index]),
     )
     service.leases = leases
     service.tasks.append(asyncio.create_task(leases.run(), name="partition-leases"))

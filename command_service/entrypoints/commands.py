@@ -17,7 +17,12 @@ import contextlib
 from uuid import UUID
 
 import structlog
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -53,11 +58,20 @@ def _describe(error: ValidationError) -> str:
 
 
 class CommandConsumer:
-    """Consumes the partition queues and hands each command to the service layer."""
+    """Consumes the partition queues and hands each command to the service layer.
+
+    Each partition is consumed on a channel of its own, opened when consumption starts and
+    closed when it stops. A closed channel is never restored by the robust connection, so a
+    partition given up while the broker was unreachable does not get its consumer back when
+    the connection returns (it would hold the partition's single-active-consumer slot with
+    nobody reading it).
+    """
 
     def __init__(
         self,
         *,
+        connection: AbstractConnection,
+        prefetch: int,
         handle: HandleCommand,
         registry: CommandRegistry,
         replies: AbstractExchange,
@@ -65,6 +79,8 @@ class CommandConsumer:
         max_message_bytes: int,
         transient_retry_seconds: float = 30.0,
     ) -> None:
+        self._connection = connection
+        self._prefetch = prefetch
         self._handle_command = handle
         self._registry = registry
         self._replies = replies
@@ -74,11 +90,11 @@ class CommandConsumer:
         self._partitions: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self.handled = 0
 
-    def start_partition(self, queue: AbstractQueue) -> None:
+    def start_partition(self, name: str) -> None:
         """Consume one partition queue, one message at a time."""
         stop = asyncio.Event()
-        task = asyncio.create_task(self._consume(queue, stop), name=queue.name)
-        self._partitions[queue.name] = (stop, task)
+        task = asyncio.create_task(self._consume(name, stop), name=name)
+        self._partitions[name] = (stop, task)
 
     async def stop_partition(self, name: str, timeout: float = 10.0) -> None:
         """Stop consuming a partition after the message in hand is finished.
@@ -105,21 +121,42 @@ class CommandConsumer:
     def partitions(self) -> list[str]:
         return sorted(self._partitions)
 
-    async def _consume(self, queue: AbstractQueue, stop: asyncio.Event) -> None:
+    async def _consume(self, name: str, stop: asyncio.Event) -> None:
         stopped = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 try:
-                    await self._consume_until(queue, stopped)
+                    await self._consume_until(name, stopped)
                 except BROKER_ERRORS as e:
                     # The channel went away: unacked messages return to the queue; consume
-                    # again once the robust connection is back.
-                    log.warning("partition_consumer_interrupted", queue=queue.name, error=repr(e))
+                    # again, on a new channel, once the robust connection is back.
+                    log.warning("partition_consumer_interrupted", queue=name, error=repr(e))
                     await asyncio.wait({stopped}, timeout=1.0)
         finally:
             stopped.cancel()
 
-    async def _consume_until(self, queue: AbstractQueue, stopped: asyncio.Task[bool]) -> None:
+    async def _consume_until(self, name: str, stopped: asyncio.Task[bool]) -> None:
+        connected = asyncio.ensure_future(self._connection.ready())
+        await asyncio.wait({connected, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not connected.done():
+            connected.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connected
+            return
+        try:
+            channel = await self._connection.channel()
+        except RuntimeError as e:  # the connection went away again just now
+            raise ConnectionError(str(e)) from e
+        try:
+            await channel.set_qos(prefetch_count=self._prefetch)
+            queue = await channel.declare_queue(name, passive=True)
+            await self._consume_queue(queue, stopped)
+        finally:
+            # Closed (even while the connection is down) means never restored.
+            with contextlib.suppress(*BROKER_ERRORS):
+                await channel.close()
+
+    async def _consume_queue(self, queue: AbstractQueue, stopped: asyncio.Task[bool]) -> None:
         async with queue.iterator() as messages:
             iterator = aiter(messages)
             while not stopped.done():

@@ -1,0 +1,100 @@
+"""The broker going away: partition consumers come back, and only the ones still wanted.
+
+A replica that gives a partition up while its broker connection is down must not get the
+partition's consumer back when the connection is restored: that consumer would sit on the
+partition (single active consumer) with nobody reading it, and its commands would wait forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import pytest
+
+from command_service.bootstrap import start
+from shared import topology
+from shared.settings import CommandServiceSettings
+from tests.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def proxy(broker: str) -> AsyncIterator[TcpProxy]:
+    target = urlsplit(broker)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    yield proxy
+    await proxy.cut()
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}"))
+
+
+async def consumer_counts(broker: str, partitions: int) -> list[int]:
+    connection = await aio_pika.connect(broker)
+    try:
+        channel = await connection.channel()
+        counts = []
+        for index in range(partitions):
+            queue = await channel.declare_queue(
+                topology.command_partition_queue(index), passive=True
+            )
+            counts.append(queue.declaration_result.consumer_count or 0)
+        return counts
+    finally:
+        await connection.close()
+
+
+async def wait_for_counts(broker: str, wanted: list[int], timeout: float = 20.0) -> list[int]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (counts := await consumer_counts(broker, len(wanted))) != wanted:
+        assert asyncio.get_running_loop().time() < deadline, f"consumers {counts}, not {wanted}"
+        await asyncio.sleep(0.2)
+    return counts
+
+
+async def test_a_partition_given_up_during_an_outage_is_not_consumed_after_it(
+    command_settings: CommandServiceSettings, proxy: TcpProxy, broker: str
+) -> None:
+    settings = command_settings.model_copy(update={"amqp_url": through(proxy, broker)})
+    service = await start(settings)
+    try:
+        await wait_for_counts(broker, [1, 1])
+        await proxy.cut()
+        await asyncio.sleep(0.5)
+        # What the leases do when another replica takes the partition: stop consuming it.
+        await service.consumer.stop_partition(topology.command_partition_queue(0))
+        await proxy.restore()
+        # Partition 1 is consumed again after the reconnection; partition 0 stays free.
+        await wait_for_counts(broker, [0, 1])
+        await asyncio.sleep(2.0)  # room for a late consumer recovery to show up
+        assert await consumer_counts(broker, 2) == [0, 1]
+    finally:
+        await service.stop()
+
+
+async def test_every_partition_is_consumed_again_after_the_connection_returns(
+    command_settings: CommandServiceSettings, proxy: TcpProxy, broker: str
+) -> None:
+    settings = command_settings.model_copy(update={"amqp_url": through(proxy, broker)})
+    service = await start(settings)
+    try:
+        await wait_for_counts(broker, [1, 1])
+        for _ in range(2):
+            await proxy.cut()
+            await asyncio.sleep(0.5)
+            await proxy.restore()
+            await wait_for_counts(broker, [1, 1])
+        assert service.consumer.partitions == [
+            topology.command_partition_queue(0),
+            topology.command_partition_queue(1),
+        ]
+    finally:
+        await service.stop()
