@@ -131,7 +131,8 @@ class Deployment:
                     [],
                     name,
                     self.log_dir / f"{name.replace('#', '-')}.log",
-                    self.env(),
+                    # Replicas on one host: each binds a free port for its /metrics.
+                    {**self.env(), "CQRS_HTTP_PORT": "0"},
                     cwd=self.plan.source,
                 )
             )

@@ -22,7 +22,9 @@ from command_service.domain.account import Account
 from command_service.domain.process import ProcessManager
 from command_service.domain.transfer import Transfer, TransferProcess
 from command_service.entrypoints.commands import CommandConsumer
+from command_service.entrypoints.http import HttpEndpoint, Vitals, create_app, replica_name, serve
 from command_service.entrypoints.replay import ReplayServer
+from command_service.metrics import CommandMetrics
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.process_managers import ProcessManagerRunner
 from command_service.service_layer.registry import CommandRegistry
@@ -55,8 +57,11 @@ class CommandService:
     subscriptions: list[Subscription]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     leases: PartitionLeases | None = None
+    http: HttpEndpoint | None = None
 
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -85,9 +90,10 @@ async def start(settings: CommandServiceSettings) -> CommandService:
     replies = await amqp.channel(publisher_confirms=False)
     relay_channel = await amqp.channel(publisher_confirms=True)
     registry = build_registry()
+    metrics = CommandMetrics(registry.command_types)
     handle = functools.partial(
         handle_command,
-        store=PostgresEventStore(pool),
+        store=PostgresEventStore(pool, append_seconds=metrics.event_append_seconds),
         registry=registry,
         concurrency_retries=settings.concurrency_retries,
         snapshot_every=settings.snapshot_every,
@@ -100,11 +106,12 @@ async def start(settings: CommandServiceSettings) -> CommandService:
         replies=replies.default_exchange,
         dead_letters=await broker.declare_dead_letter_exchange(confirmed),
         max_message_bytes=settings.max_message_bytes,
+        metrics=metrics,
     )
     relay = Subscription(
         name=RELAY_SUBSCRIPTION,
         dsn=settings.postgres_dsn,
-        handler=EventPublisher(await broker.declare_events_exchange(relay_channel)),
+        handler=EventPublisher(await broker.declare_events_exchange(relay_channel), metrics),
         batch_size=settings.relay_batch_size,
         poll_seconds=settings.relay_poll_seconds,
     )
@@ -138,5 +145,15 @@ async def start(settings: CommandServiceSettings) -> CommandService:
     )
     service.leases = leases
     service.tasks.append(asyncio.create_task(leases.run(), name="partition-leases"))
-    log.info("command_service_started", partitions=settings.command_partitions)
+    vitals = Vitals(pool, amqp, leases, consumer, relay, metrics, replica_name())
+    try:
+        service.http = await serve(create_app(vitals), settings.http_host, settings.http_port)
+    except BaseException:
+        await service.stop()
+        raise
+    log.info(
+        "command_service_started",
+        partitions=settings.command_partitions,
+        http=f"{settings.http_host}:{service.http.port}",
+    )
     return service

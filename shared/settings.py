@@ -36,6 +36,9 @@ class CommandServiceSettings(CommonSettings):
     snapshot_every: int = Field(default=100, ge=0, description="0 disables snapshots")
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     relay_poll_seconds: float = Field(default=1.0, gt=0)
+    # The operational endpoint (/healthz, /readyz, /status, /metrics); port 0 picks a free one.
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8001, ge=0, le=65_535)
 
 
 class QueryServiceSettings(CommonSettings):

@@ -7,6 +7,7 @@ transaction: the `events` table is the outbox, read by the relay in position ord
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ class DuplicateCommandError(EventStoreError):
 
 class EventStoreUnavailableError(EventStoreError):
     """The database cannot be reached now; the operation may succeed when retried."""
+
+
+class Timer(Protocol):
+    """Where a duration is recorded (a Prometheus histogram fits)."""
+
+    def observe(self, amount: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -194,10 +201,12 @@ def _stored(row: asyncpg.Record) -> StoredEvent:
 
 
 class PostgresEventStore:
-    """`EventStore` on PostgreSQL through an asyncpg pool."""
+    """`EventStore` on PostgreSQL through an asyncpg pool; `append_seconds` times each append
+    transaction."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, append_seconds: Timer | None = None) -> None:
         self._pool = pool
+        self._append_seconds = append_seconds
 
     async def load_stream(self, stream_id: UUID, after_version: int = 0) -> list[StoredEvent]:
         async with translate_driver_errors():
@@ -254,16 +263,21 @@ class PostgresEventStore:
         metadata = {"correlation_id": correlation_id, "causation_id": str(command_id)}
         async with translate_driver_errors(), self._pool.acquire() as connection:
             try:
-                async with connection.transaction():
-                    return await self._append(
-                        connection,
-                        stream_id,
-                        aggregate_type,
-                        expected_version,
-                        events,
-                        command_id,
-                        metadata,
-                    )
+                started = time.perf_counter()
+                try:
+                    async with connection.transaction():
+                        return await self._append(
+                            connection,
+                            stream_id,
+                            aggregate_type,
+                            expected_version,
+                            events,
+                            command_id,
+                            metadata,
+                        )
+                finally:
+                    if self._append_seconds is not None:
+                        self._append_seconds.observe(time.perf_counter() - started)
             except asyncpg.UniqueViolationError as e:
                 if e.constraint_name == "commands_pkey":
                     reply = await self.find_reply(command_id)

@@ -52,6 +52,14 @@ class PartitionLeases:
         self._release = release
         self._interval = interval_seconds
         self.owned: set[int] = set()
+        # Replicas holding the membership lock, as last counted.
+        self.members = 0
+        self._held: asyncpg.Connection | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the leases are held: the connection with the membership lock is open."""
+        return self._held is not None and not self._held.is_closed()
 
     async def run(self) -> None:
         """Keep a fair share of the partitions until cancelled, through database outages."""
@@ -68,10 +76,12 @@ class PartitionLeases:
             await connection.execute(
                 "SELECT pg_advisory_lock_shared($1, $2)", LOCK_SPACE, MEMBERSHIP
             )
+            self._held = connection
             while True:
                 await self._rebalance(connection)
                 await asyncio.sleep(self._interval)
         finally:
+            self._held = None
             # Stop consuming before the locks go (with the connection), so that the next
             # owner starts after the last message handled here.
             for partition in sorted(self.owned):
@@ -82,6 +92,7 @@ class PartitionLeases:
 
     async def _rebalance(self, connection: asyncpg.Connection) -> None:
         members = int(await connection.fetchval(_MEMBERS, LOCK_SPACE, MEMBERSHIP))
+        self.members = members
         share = math.ceil(self._partitions / max(members, 1))
         for partition in sorted(self.owned, reverse=True)[: max(len(self.owned) - share, 0)]:
             await self._release(partition)  # consumer stopped before the lock is let go

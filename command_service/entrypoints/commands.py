@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from uuid import UUID
 
 import structlog
@@ -29,6 +30,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from command_service.adapters.broker import dead_letter_message, reply_message
 from command_service.adapters.event_store import EventStoreUnavailableError
 from command_service.adapters.subscription import BROKER_ERRORS
+from command_service.metrics import CommandMetrics
 from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry, UnknownCommandError
 from shared.messages import CommandEnvelope, Reply, ReplyError
@@ -78,7 +80,9 @@ class CommandConsumer:
         dead_letters: AbstractExchange,
         max_message_bytes: int,
         transient_retry_seconds: float = 30.0,
+        metrics: CommandMetrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else CommandMetrics(registry.command_types)
         self._connection = connection
         self._prefetch = prefetch
         self._handle_command = handle
@@ -175,26 +179,34 @@ class CommandConsumer:
 
     async def process(self, message: AbstractIncomingMessage) -> None:
         """Handle one delivery to its end: acked, dead-lettered or requeued."""
+        started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(
             message_id=message.message_id, correlation_id=message.correlation_id
         )
+        envelope: CommandEnvelope | None = None
         try:
             envelope = self._parse(message)
-            structlog.contextvars.bind_contextvars(
-                command_id=str(envelope.command_id),
-                command_type=envelope.type,
-                aggregate_id=str(envelope.aggregate_id),
-            )
+            _bind_envelope(envelope)
             reply = await self._handle(envelope)
         except BadCommandError as e:
+            if e.envelope is not None:
+                _bind_envelope(e.envelope)
             await self._dead_letter(message, e)
+            self._metrics.settled(
+                e.envelope.type if e.envelope else None,
+                "dead_lettered",
+                time.perf_counter() - started,
+            )
             return
         except EventStoreUnavailableError as e:
             log.error("command_requeued", error=str(e))
             await message.nack(requeue=True)
+            self._metrics.settled(
+                envelope.type if envelope else None, "requeued", time.perf_counter() - started
+            )
             return
-        log.info(
+        log.debug(
             "command_handled",
             status=reply.status,
             version=reply.version,
@@ -204,6 +216,7 @@ class CommandConsumer:
         await self._reply(message, reply)
         await message.ack()
         self.handled += 1
+        self._metrics.settled(envelope.type, reply.status, time.perf_counter() - started)
 
     def _parse(self, message: AbstractIncomingMessage) -> CommandEnvelope:
         size = len(message.body)
@@ -264,6 +277,18 @@ class CommandConsumer:
             await self._replies.publish(
                 reply_message(reply, message.correlation_id), routing_key=message.reply_to
             )
+
+
+def _bind_envelope(envelope: CommandEnvelope) -> None:
+    metadata = envelope.metadata
+    structlog.contextvars.bind_contextvars(
+        command_id=str(envelope.command_id),
+        command_type=envelope.type,
+        aggregate_id=str(envelope.aggregate_id),
+        causation_id=metadata.causation_id,
+    )
+    if metadata.correlation_id is not None:  # else the message's own stays bound
+        structlog.contextvars.bind_contextvars(correlation_id=metadata.correlation_id)
 
 
 def _uuid_or_nil(value: str | None) -> UUID:

@@ -58,16 +58,22 @@ class ProcessManagerRunner:
             payload=step.command.model_dump(mode="json"),
             metadata=metadata,
         )
-        reply = await self._handle_command(envelope, internal=True)
-        self.issued += 1
-        log.info(
-            "process_step",
-            process=self.process.name,
+        with structlog.contextvars.bound_contextvars(
+            correlation_id=metadata.correlation_id,
+            causation_id=metadata.causation_id,
+            command_id=str(envelope.command_id),
             command_type=envelope.type,
             aggregate_id=str(envelope.aggregate_id),
-            status=reply.status,
-            error_code=reply.error.code if reply.error else None,
-        )
+        ):
+            reply = await self._handle_command(envelope, internal=True)
+            log.debug(
+                "process_step",
+                process=self.process.name,
+                status=reply.status,
+                version=reply.version,
+                error_code=reply.error.code if reply.error else None,
+            )
+        self.issued += 1
         if reply.error is None:
             return
         if reply.error.code == "concurrency_conflict":

@@ -273,6 +273,7 @@ class Chaos:
                         **common,
                         "CQRS_POSTGRES_DSN": through(self.proxies["database"], self.dsn),
                         "CQRS_COMMAND_PARTITIONS": "4",
+                        "CQRS_HTTP_PORT": "0",  # two replicas on one host
                     },
                     self.folder / f"command-{index}.log",
                 )

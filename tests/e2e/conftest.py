@@ -34,6 +34,7 @@ class Pair:
     amqp_url: str
     processes: dict[str, subprocess.Popen[bytes]]
     logs: dict[str, Path]
+    command_http: str  # the command service's /healthz, /readyz, /status, /metrics
 
 
 async def wait_until_ready(pair: Pair, timeout: float = 30.0) -> None:
@@ -67,7 +68,7 @@ async def _command_partitions_consumed(amqp_url: str) -> bool:
 async def pair(
     broker: str, pg_dsn: str, mongo_db: str, services: Services, tmp_path: Path
 ) -> AsyncIterator[Pair]:
-    port = free_port()
+    port, command_port = free_port(), free_port()
     env = {
         **os.environ,
         "CQRS_AMQP_URL": broker,
@@ -78,13 +79,20 @@ async def pair(
         "CQRS_LOG_JSON": "true",
     }
     processes, logs = {}, {}
-    for name in ("command_service", "query_service"):
+    # CQRS_HTTP_PORT is read by both services: each gets its own.
+    envs = {
+        "command_service": {**env, "CQRS_HTTP_PORT": str(command_port)},
+        "query_service": env,
+    }
+    for name, service_env in envs.items():
         logs[name] = tmp_path / f"{name}.log"
         with logs[name].open("wb") as log:
             processes[name] = subprocess.Popen(
-                [sys.executable, "-m", name], env=env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", name], env=service_env, stdout=log, stderr=subprocess.STDOUT
             )
-    pair = Pair(f"http://127.0.0.1:{port}", broker, processes, logs)
+    pair = Pair(
+        f"http://127.0.0.1:{port}", broker, processes, logs, f"http://127.0.0.1:{command_port}"
+    )
     try:
         await wait_until_ready(pair)
         yield pair
@@ -197,6 +205,7 @@ def command_replicas(broker: str, pg_dsn: str, tmp_path: Path) -> Iterator[Comma
         "CQRS_COMMAND_PARTITIONS": "6",
         "CQRS_RELAY_POLL_SECONDS": "0.2",
         "CQRS_LOG_JSON": "true",
+        "CQRS_HTTP_PORT": "0",  # replicas on one host: each binds a free port
     }
     replicas = CommandReplicas(env, tmp_path, [])
     yield replicas

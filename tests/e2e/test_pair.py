@@ -13,6 +13,7 @@ from shared import topology
 from shared.client import CommandClient
 from shared.ledger import DepositMoney, OpenAccount, WithdrawMoney
 from tests.e2e.conftest import Pair, stop
+from tests.metrics_support import scrape, value
 
 pytestmark = pytest.mark.e2e
 
@@ -60,5 +61,19 @@ async def test_commands_become_visible_in_the_read_model(pair: Pair) -> None:
     assert document["balance"] == 1200
     assert document["status"] == "open"
     assert document["version"] == 4
+
+    # Both processes' /metrics counted that work.
+    async with httpx.AsyncClient() as http:
+        commands = await scrape(http, f"{pair.command_http}/metrics")
+        projected = await scrape(http, f"{pair.api}/metrics")
+        ready = await http.get(f"{pair.command_http}/readyz")
+    counted = "cqrs_commands_total"
+    assert value(commands, counted, type="OpenAccount", outcome="accepted") == 1
+    assert value(commands, counted, type="WithdrawMoney", outcome="accepted") == 1
+    assert value(commands, counted, type="WithdrawMoney", outcome="rejected") == 1
+    assert value(commands, counted, type="unknown", outcome="dead_lettered") == 1
+    assert value(commands, "cqrs_events_published_total") >= 4
+    assert value(projected, "cqrs_events_projected_total", event_type="MoneyWithdrawn") == 1
+    assert ready.status_code == 200
 
     assert dict(stop(pair)) == {"command_service": 0, "query_service": 0}

@@ -40,6 +40,7 @@ def command_settings(broker: str, pg_dsn: str) -> CommandServiceSettings:
         max_message_bytes=4096,
         relay_poll_seconds=0.2,
         log_json=True,
+        http_port=0,  # any free port: tests run services side by side
     )
 
 
