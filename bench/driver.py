@@ -21,7 +21,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
 )
 
-from bench.workload import Cmd
+from shared.load import Cmd
 from shared.topology import AGGREGATE_ID_HEADER, COMMANDS_EXCHANGE
 
 REPLY_TIMEOUT_SECONDS = 30.0

@@ -43,10 +43,10 @@ from bench.infra import (
     wait_store_idle,
 )
 from bench.procs import CpuWindow, ServerGroups, ServiceProcess, start_module
-from bench.stats import latency_summary_ms, slope
-from bench.workload import Workload
+from bench.stats import slope
 from command_service.adapters.partition_leases import LOCK_SPACE
 from shared import topology
+from shared.load import Workload, latency_summary_ms
 from shared.messages import ReplayRequest
 from shared.settings import CommandServiceSettings, QueryServiceSettings
 

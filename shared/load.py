@@ -1,15 +1,19 @@
-"""The command mix: opens, deposits, withdrawals and transfers on many accounts, some hot.
+"""Load generation: a command mix, and the latency summary of its replies.
 
-Bodies are the public command envelope as JSON, built with `json.dumps` so the client spends
-little CPU of the two cores it shares with the services.
+Opens, deposits, withdrawals and transfers on many accounts, some hot, and optionally invalid
+commands (which the command service rejects and dead-letters). Used by `cqrs load` and by the
+benchmark (`bench/`). Bodies are the public command envelope as JSON, built with `json.dumps` so
+the client spends little CPU of the cores it shares with the services.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 from shared.ledger import ACCOUNT, TRANSFER
@@ -30,6 +34,31 @@ class Mix:
     transfer: float = 0.20
     hot_fraction: float = 0.10  # of account commands, and of each side of a transfer
     overdraft_fraction: float = 0.02  # of withdrawals: rejected by the domain, as in real life
+    invalid: float = 0.0  # malformed or schema-violating commands: rejected and dead-lettered
+
+    @classmethod
+    def parse(cls, spec: str) -> Mix:
+        """`open=1,deposit=5,withdraw=3,transfer=1,invalid=0.1`; a kind not named weighs 0."""
+        names = {"open": "open_account"} | {f.name: f.name for f in fields(cls)}
+        weights: dict[str, float] = dict.fromkeys(MIX_KINDS, 0.0)
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            key, sep, raw = part.partition("=")
+            name = names.get(key.strip())
+            if not sep or name is None:
+                raise ValueError(f"expected kind=weight with kind in {sorted(names)}, got {part!r}")
+            try:
+                value = float(raw)
+            except ValueError as e:
+                raise ValueError(f"{key}: {raw!r} is not a number") from e
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{key}: the weight must be a number >= 0, got {raw!r}")
+            weights[name] = value
+        if not any(weights[kind] for kind in MIX_KINDS):
+            raise ValueError("one of open, deposit, withdraw, transfer, invalid must be > 0")
+        return cls(**weights)
+
+
+MIX_KINDS = ("open_account", "deposit", "withdraw", "transfer", "invalid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +111,14 @@ class Workload:
         self._hot_count = hot_accounts
         self.accounts: list[str] = []
         self.hot: list[str] = []
-        self._kinds = ("open", "deposit", "withdraw", "transfer")
+        # "invalid" last: with its weight 0, a seed draws the same commands as before it existed.
+        self._kinds = ("open", "deposit", "withdraw", "transfer", "invalid")
         self._weights = (
             self._mix.open_account,
             self._mix.deposit,
             self._mix.withdraw,
             self._mix.transfer,
+            self._mix.invalid,
         )
 
     def openings(self, count: int) -> list[Cmd]:
@@ -105,7 +136,10 @@ class Workload:
 
     def next(self) -> Cmd:
         kind = self._rng.choices(self._kinds, self._weights)[0]
-        if kind == "open" or not self.accounts:
+        if kind == "invalid":
+            return self._invalid()
+        # A transfer needs two accounts to choose from (else the loop below would never end).
+        if kind == "open" or not self.accounts or (kind == "transfer" and len(self.accounts) < 2):
             return self._open(OPEN_DEPOSIT)
         if kind == "transfer":
             source = self._pick()
@@ -147,3 +181,37 @@ class Workload:
             str(uuid.uuid4()),
             {"owner_id": owner, "currency": CURRENCY, "initial_deposit": deposit},
         )
+
+    def _invalid(self) -> Cmd:
+        """A command the service can never process: malformed, of no known type, or bad data."""
+        account = self._rng.choice(self.accounts) if self.accounts else str(uuid.uuid4())
+        match self._rng.randrange(3):
+            case 0:
+                return command("DepositMoney", ACCOUNT, account, {"amount": -5})
+            case 1:
+                return command("Teleport", ACCOUNT, account, {"to": "the moon"})
+            case _:
+                cmd = command("DepositMoney", ACCOUNT, account, {})
+                return Cmd(cmd.command_id, cmd.type, ACCOUNT, account, b"{not json", None)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The nearest-rank `q`-th percentile (0 < q <= 100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def latency_summary_ms(seconds: Sequence[float]) -> dict[str, float | int | None]:
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 2)
+
+    return {
+        "count": len(seconds),
+        "p50": ms(percentile(seconds, 50)),
+        "p95": ms(percentile(seconds, 95)),
+        "p99": ms(percentile(seconds, 99)),
+        "max": ms(max(seconds) if seconds else None),
+    }
