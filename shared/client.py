@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Self
 from uuid import UUID, uuid4
 
@@ -98,19 +99,40 @@ class CommandClient:
 
     async def publish(self, envelope: CommandEnvelope, aggregate_type: str, *, reply: bool) -> None:
         """Publish one command (persistent, confirmed by the broker)."""
-        correlation_id = envelope.metadata.correlation_id or str(envelope.command_id)
+        await self.publish_body(
+            envelope.model_dump_json().encode(),
+            command_id=str(envelope.command_id),
+            command_type=envelope.type,
+            aggregate_id=str(envelope.aggregate_id),
+            routing_key=routing_key(aggregate_type, envelope.type),
+            correlation_id=envelope.metadata.correlation_id,
+            reply=reply,
+        )
+
+    async def publish_body(
+        self,
+        body: bytes,
+        *,
+        command_id: str,
+        command_type: str,
+        aggregate_id: str,
+        routing_key: str,
+        correlation_id: str | None = None,
+        reply: bool,
+    ) -> None:
+        """Publish a ready-made body (it need not be a valid envelope: load tools send bad ones)."""
         await self._exchange.publish(
             aio_pika.Message(
-                body=envelope.model_dump_json().encode(),
+                body=body,
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=str(envelope.command_id),
-                correlation_id=correlation_id,
+                message_id=command_id,
+                correlation_id=correlation_id or command_id,
                 reply_to=self._reply_queue.name if reply else None,
-                type=envelope.type,
-                headers={AGGREGATE_ID_HEADER: str(envelope.aggregate_id)},
+                type=command_type,
+                headers={AGGREGATE_ID_HEADER: aggregate_id},
             ),
-            routing_key=routing_key(aggregate_type, envelope.type),
+            routing_key=routing_key,
             mandatory=True,
         )
 
@@ -119,15 +141,50 @@ class CommandClient:
     ) -> Reply:
         """Publish a command and wait for its reply."""
         correlation_id = envelope.metadata.correlation_id or str(envelope.command_id)
+        return await self._await_reply(
+            correlation_id,
+            str(envelope.command_id),
+            self.publish(envelope, aggregate_type, reply=True),
+            timeout=timeout,
+        )
+
+    async def send_body(
+        self,
+        body: bytes,
+        *,
+        command_id: str,
+        command_type: str,
+        aggregate_id: str,
+        routing_key: str,
+        timeout: float = 10.0,
+    ) -> Reply:
+        """Publish a ready-made body with `command_id` as its correlation id; await the reply."""
+        return await self._await_reply(
+            command_id,
+            command_id,
+            self.publish_body(
+                body,
+                command_id=command_id,
+                command_type=command_type,
+                aggregate_id=aggregate_id,
+                routing_key=routing_key,
+                reply=True,
+            ),
+            timeout=timeout,
+        )
+
+    async def _await_reply(
+        self, correlation_id: str, command_id: str, publish: Awaitable[None], *, timeout: float
+    ) -> Reply:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
         try:
-            await self.publish(envelope, aggregate_type, reply=True)
-            return await asyncio.wait_for(future, timeout)
+            # The publish counts too: a broker that blocks publishers must not hang the caller.
+            async with asyncio.timeout(timeout):
+                await publish
+                return await future
         except TimeoutError as e:
-            raise CommandTimeoutError(
-                f"no reply to command {envelope.command_id} within {timeout}s"
-            ) from e
+            raise CommandTimeoutError(f"no reply to command {command_id} within {timeout}s") from e
         finally:
             self._pending.pop(correlation_id, None)
 
