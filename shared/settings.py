@@ -72,3 +72,15 @@ class QueryServiceSettings(CommonSettings):
     rebuild_retire_seconds: float = Field(
         default=10.0, ge=0, description="grace before the replaced generation is dropped"
     )
+
+
+class CliSettings(CommonSettings):
+    """Settings of the `cqrs` command-line tool: where the two services answer over HTTP."""
+
+    query_url: str = "http://127.0.0.1:8000"
+    command_url: str = Field(
+        default="http://127.0.0.1:8001", description="the command service's status endpoint"
+    )
+    api_token: str | None = Field(
+        default=None, repr=False, description="sent as `Authorization: Bearer` to the query API"
+    )
