@@ -5,9 +5,10 @@ A bad value fails at start-up with the variable named in the error.
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,6 +49,36 @@ class QueryServiceSettings(CommonSettings):
     mongo_db: str = "cqrs"
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65_535)
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token the HTTP API requires (not on /healthz, /readyz, /metrics, docs)",
+    )
+    api_token_file: Path | None = Field(
+        default=None, description="a file holding the API token, read at start (stripped)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_api_token_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("api_token_file") in (None, ""):
+            return data
+        if data.get("api_token") is not None:
+            raise ValueError("set CQRS_API_TOKEN or CQRS_API_TOKEN_FILE, not both")
+        path = Path(data["api_token_file"])
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ValueError(f"CQRS_API_TOKEN_FILE: cannot read {path}: {e.strerror}") from e
+        return {**data, "api_token": token}
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_empty(cls, token: SecretStr | None) -> SecretStr | None:
+        # An empty token would make "Authorization: Bearer " a valid credential.
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("the API token is empty")
+        return token
+
     projector_partitions: int = Field(default=4, ge=1, le=256)
     run_projector: bool = True
     run_api: bool = True

@@ -13,6 +13,7 @@ aggregate; when it does not in time the answer is 504 with `Retry-After`, never 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import math
 import os
 import socket
@@ -26,8 +27,9 @@ import structlog
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pymongo.asynchronous.database import AsyncDatabase
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -198,6 +200,34 @@ def get_settings(request: Request) -> QueryServiceSettings:
 Catalog = Annotated[ReadModelCatalog, Depends(get_catalog)]
 Settings = Annotated[QueryServiceSettings, Depends(get_settings)]
 
+# Probes and metrics stay open whichever router declares them: orchestrators and scrapers
+# call them without credentials, and they disclose no read-model data.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+UNAUTHORIZED = "missing or wrong bearer token"
+bearer = HTTPBearer(
+    auto_error=False, description="`CQRS_API_TOKEN`: `Authorization: Bearer <token>`"
+)
+
+
+def require_token(token: SecretStr) -> Callable[..., Awaitable[None]]:
+    """A dependency that refuses a request without `Authorization: Bearer <token>` (401)."""
+    expected = token.get_secret_value().encode()
+
+    async def check(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        if request.url.path in OPEN_PATHS:
+            return
+        given = credentials.credentials.encode() if credentials is not None else b""
+        # Constant time, so the answer's timing tells nothing about the token.
+        if not hmac.compare_digest(given, expected):
+            raise HTTPException(
+                status_code=401, detail=UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    return check
+
 
 async def wait_for(
     read: Callable[[], Awaitable[T]], ready: Callable[[T], bool], *, timeout: float
@@ -243,6 +273,8 @@ def _reached(document: dict[str, Any] | None) -> dict[str, int | None] | None:
 
 router = APIRouter()
 admin = APIRouter(prefix="/admin", tags=["admin"])
+# Liveness and readiness: open even when the API requires a token.
+probes = APIRouter()
 
 Responses = dict[int | str, dict[str, Any]]
 NOT_FOUND: Responses = {404: {"model": ErrorDetail}, 503: {"model": ErrorDetail}}
@@ -415,13 +447,13 @@ async def get_transfer(
     return transfer
 
 
-@router.get("/healthz", response_model=Health)
+@probes.get("/healthz", response_model=Health)
 async def healthz() -> Health:
     """The process is alive (nothing else is checked)."""
     return Health()
 
 
-@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+@probes.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSONResponse:
     """MongoDB and RabbitMQ answer, and the projection lag is under `CQRS_READYZ_MAX_LAG`."""
     checks: dict[str, Any] = {}
@@ -712,8 +744,18 @@ def create_app(
     prometheus = QueryMetrics(projector=metrics)
     app.state.prometheus = prometheus
     app.add_middleware(RequestTimer, prometheus=prometheus)
-    app.include_router(router)
-    app.include_router(admin)
+    app.include_router(probes)
+    if settings.api_token is None:
+        app.include_router(router)
+        app.include_router(admin)
+    else:
+        # FastAPI's docs routes are not on these routers; /metrics skips the check (OPEN_PATHS).
+        protected: dict[str, Any] = {
+            "dependencies": [Depends(require_token(settings.api_token))],
+            "responses": {401: {"model": ErrorDetail}},
+        }
+        app.include_router(router, **protected)
+        app.include_router(admin, **protected)
     for error in TRANSIENT_ERRORS:
         app.add_exception_handler(error, _store_unavailable)
     app.add_exception_handler(NotCaughtUpError, _not_caught_up)
