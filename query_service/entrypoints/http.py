@@ -363,7 +363,7 @@ async def get_transactions(
 @router.get(
     "/owners/{owner_id}/summary",
     response_model=OwnerSummaryView,
-    responses={**FRESHNESS, 422: {"model": ErrorDetail}},
+    responses=FRESHNESS,
 )
 async def get_owner_summary(
     owner_id: OwnerId,
@@ -596,8 +596,8 @@ async def _read_model_status(catalog: ReadModelCatalog, name: str) -> dict[str, 
     status_code=202,
     response_model=RebuildStarted,
     responses={
+        400: {"model": ErrorDetail, "description": "the body is not JSON"},
         409: {"model": ErrorDetail},
-        422: {"model": ErrorDetail},
         503: {"model": ErrorDetail},
     },
 )
@@ -611,9 +611,16 @@ async def post_rebuild(
     """
     unknown = sorted(set(body.read_models) - set(catalog.models))
     if unknown:
+        # Shaped like FastAPI's own validation errors, as the OpenAPI document says.
         raise HTTPException(
             status_code=422,
-            detail=f"unknown read models {unknown}; known: {sorted(catalog.models)}",
+            detail=[
+                {
+                    "loc": ["body", "read_models"],
+                    "msg": f"unknown read models {unknown}; known: {sorted(catalog.models)}",
+                    "type": "value_error",
+                }
+            ],
         )
     runner: RebuildRunner = request.app.state.rebuilds
     try:
