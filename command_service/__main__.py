@@ -8,11 +8,13 @@ import signal
 from command_service.bootstrap import start
 from shared.logging import configure_logging
 from shared.settings import CommandServiceSettings
+from shared.tracing import configure_tracing, shutdown_tracing
 
 
 async def main() -> None:
     settings = CommandServiceSettings()
     configure_logging(settings.log_level, settings.log_json)
+    configure_tracing("command-service", settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -20,6 +22,7 @@ async def main() -> None:
     service = await start(settings)
     await stop.wait()
     await service.stop()
+    shutdown_tracing()
 
 
 def run() -> None:

@@ -19,6 +19,7 @@ import uvicorn
 from query_service.bootstrap import bootstrap
 from shared.logging import configure_logging
 from shared.settings import QueryServiceSettings
+from shared.tracing import configure_tracing, shutdown_tracing
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -95,8 +96,12 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def main() -> None:
     settings = QueryServiceSettings()
     configure_logging(settings.log_level, settings.log_json)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(serve(settings))
+    configure_tracing("query-service", settings)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(settings))
+    finally:
+        shutdown_tracing()
     sys.exit(0)
 
 

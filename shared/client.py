@@ -14,8 +14,10 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
+    FieldValue,
 )
 
+from shared import tracing
 from shared.messages import Command, CommandEnvelope, CommandMetadata, Reply
 from shared.topology import (
     AGGREGATE_ID_HEADER,
@@ -121,6 +123,8 @@ class CommandClient:
         reply: bool,
     ) -> None:
         """Publish a ready-made body (it need not be a valid envelope: load tools send bad ones)."""
+        headers: dict[str, FieldValue] = {AGGREGATE_ID_HEADER: aggregate_id}
+        tracing.inject(headers)  # the caller's trace continues in the command service
         await self._exchange.publish(
             aio_pika.Message(
                 body=body,
@@ -130,7 +134,7 @@ class CommandClient:
                 correlation_id=correlation_id or command_id,
                 reply_to=self._reply_queue.name if reply else None,
                 type=command_type,
-                headers={AGGREGATE_ID_HEADER: aggregate_id},
+                headers=headers,
             ),
             routing_key=routing_key,
             mandatory=True,

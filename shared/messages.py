@@ -63,6 +63,8 @@ class EventMetadata(Message):
     correlation_id: str | None = None
     causation_id: str | None = None
     schema_version: int = Field(default=1, ge=1)
+    # W3C trace context of the command that produced the event; only when tracing was on.
+    traceparent: str | None = Field(default=None, max_length=128)
 
 
 class EventEnvelope(Message):

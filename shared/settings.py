@@ -21,6 +21,8 @@ class CommonSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool | None = Field(default=None, description="JSON logs; default: when not a TTY")
     prefetch: int = Field(default=64, ge=1, le=10_000)
+    # OpenTelemetry (the `tracing` extra); the exporter reads the standard OTEL_* variables.
+    tracing_enabled: bool = False
 
 
 class CommandServiceSettings(CommonSettings):

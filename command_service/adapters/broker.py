@@ -14,7 +14,7 @@ from aio_pika.abc import (
     FieldValue,
 )
 
-from shared import topology
+from shared import topology, tracing
 from shared.messages import EventEnvelope, Reply
 
 SINGLE_ACTIVE: dict[str, FieldValue] = {"x-single-active-consumer": True}
@@ -80,18 +80,26 @@ async def declare_dead_letter_exchange(channel: AbstractChannel) -> AbstractExch
 
 
 def event_message(envelope: EventEnvelope) -> aio_pika.Message:
+    headers: dict[str, FieldValue] = {
+        topology.AGGREGATE_ID_HEADER: str(envelope.aggregate_id),
+        "version": envelope.version,
+        "position": envelope.position,
+    }
+    traceparent = envelope.metadata.traceparent
+    if traceparent is not None:
+        headers[tracing.TRACEPARENT] = traceparent
     return aio_pika.Message(
-        body=envelope.model_dump_json().encode(),
+        # Without a trace the body is what it was before the field existed, so that consumers
+        # which do not know `traceparent` yet keep reading events stored with tracing off.
+        body=envelope.model_dump_json(
+            exclude={"metadata": {"traceparent"}} if traceparent is None else None
+        ).encode(),
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=str(envelope.event_id),
         correlation_id=envelope.metadata.correlation_id,
         type=envelope.type,
-        headers={
-            topology.AGGREGATE_ID_HEADER: str(envelope.aggregate_id),
-            "version": envelope.version,
-            "position": envelope.position,
-        },
+        headers=headers,
     )
 
 

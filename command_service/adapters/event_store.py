@@ -130,6 +130,7 @@ class EventStore(Protocol):
         events: Sequence[NewEvent],
         command_id: UUID,
         correlation_id: str | None,
+        traceparent: str | None = None,
     ) -> Reply:
         """Append events after `expected_version` and record the command; return its reply.
 
@@ -259,8 +260,11 @@ class PostgresEventStore:
         events: Sequence[NewEvent],
         command_id: UUID,
         correlation_id: str | None,
+        traceparent: str | None = None,
     ) -> Reply:
         metadata = {"correlation_id": correlation_id, "causation_id": str(command_id)}
+        if traceparent is not None:  # events stored without tracing stay as they were
+            metadata["traceparent"] = traceparent
         async with translate_driver_errors(), self._pool.acquire() as connection:
             try:
                 started = time.perf_counter()

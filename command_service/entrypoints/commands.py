@@ -33,6 +33,7 @@ from command_service.adapters.subscription import BROKER_ERRORS
 from command_service.metrics import CommandMetrics
 from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry, UnknownCommandError
+from shared import tracing
 from shared.messages import CommandEnvelope, Reply, ReplyError
 
 log = structlog.get_logger(__name__)
@@ -179,19 +180,29 @@ class CommandConsumer:
 
     async def process(self, message: AbstractIncomingMessage) -> None:
         """Handle one delivery to its end: acked, dead-lettered or requeued."""
-        started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(
             message_id=message.message_id, correlation_id=message.correlation_id
         )
+        # Renamed `command <Type>` once the type is known to be one of ours.
+        with tracing.span(
+            "command", parent=tracing.extract(message.headers), kind="consumer"
+        ) as span:
+            await self._process(message, span)
+
+    async def _process(self, message: AbstractIncomingMessage, span: tracing.SpanHandle) -> None:
+        started = time.perf_counter()
         envelope: CommandEnvelope | None = None
         try:
             envelope = self._parse(message)
             _bind_envelope(envelope)
+            _describe_span(span, envelope)
             reply = await self._handle(envelope)
         except BadCommandError as e:
             if e.envelope is not None:
                 _bind_envelope(e.envelope)
+            span.set("cqrs.outcome", "dead_lettered")
+            span.set("cqrs.error_code", e.code)
             await self._dead_letter(message, e)
             self._metrics.settled(
                 e.envelope.type if e.envelope else None,
@@ -200,12 +211,16 @@ class CommandConsumer:
             )
             return
         except EventStoreUnavailableError as e:
+            span.set("cqrs.outcome", "requeued")
             log.error("command_requeued", error=str(e))
             await message.nack(requeue=True)
             self._metrics.settled(
                 envelope.type if envelope else None, "requeued", time.perf_counter() - started
             )
             return
+        span.set("cqrs.outcome", reply.status)
+        span.set("cqrs.error_code", reply.error.code if reply.error else None)
+        span.set("cqrs.version", reply.version)
         log.debug(
             "command_handled",
             status=reply.status,
@@ -289,6 +304,14 @@ def _bind_envelope(envelope: CommandEnvelope) -> None:
     )
     if metadata.correlation_id is not None:  # else the message's own stays bound
         structlog.contextvars.bind_contextvars(correlation_id=metadata.correlation_id)
+
+
+def _describe_span(span: tracing.SpanHandle, envelope: CommandEnvelope) -> None:
+    span.rename(f"command {envelope.type}")
+    span.set("cqrs.command_id", str(envelope.command_id))
+    span.set("cqrs.command_type", envelope.type)
+    span.set("cqrs.aggregate_id", str(envelope.aggregate_id))
+    span.set("cqrs.correlation_id", envelope.metadata.correlation_id)
 
 
 def _uuid_or_nil(value: str | None) -> UUID:

@@ -15,6 +15,7 @@ from command_service.adapters.event_store import (
 from command_service.domain.aggregate import DomainError
 from command_service.service_layer.registry import CommandRegistry
 from command_service.service_layer.repository import AggregateRepository
+from shared import tracing
 from shared.messages import CommandEnvelope, Reply, ReplyError
 
 log = structlog.get_logger(__name__)
@@ -74,6 +75,7 @@ async def handle_command(
                 events=[NewEvent.from_event(event) for event in events],
                 command_id=envelope.command_id,
                 correlation_id=envelope.metadata.correlation_id,
+                traceparent=tracing.current_traceparent(),
             )
             await repository.appended(aggregate, events)
             return reply

@@ -14,6 +14,7 @@ from command_service.adapters.subscription import RetryLaterError
 from command_service.domain.process import IssuedCommand, ProcessManager
 from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry
+from shared import tracing
 from shared.messages import CommandEnvelope, CommandMetadata
 
 log = structlog.get_logger(__name__)
@@ -47,8 +48,19 @@ class ProcessManagerRunner:
                 causation_id=str(stored.event_id),
                 user=f"process:{self.process.name}",
             )
-            for step in self.process.react(event, stored.stream_id):
-                await self._issue(step, metadata)
+            # The commands continue the trace of the command that caused the event, so the
+            # events they append carry it on to the projector.
+            with tracing.span(
+                f"react {stored.type}",
+                parent=tracing.extract(stored.metadata),
+                attributes={
+                    "cqrs.process": self.process.name,
+                    "cqrs.event_id": str(stored.event_id),
+                    "cqrs.aggregate_id": str(stored.stream_id),
+                },
+            ):
+                for step in self.process.react(event, stored.stream_id):
+                    await self._issue(step, metadata)
 
     async def _issue(self, step: IssuedCommand, metadata: CommandMetadata) -> None:
         envelope = CommandEnvelope(
@@ -58,14 +70,25 @@ class ProcessManagerRunner:
             payload=step.command.model_dump(mode="json"),
             metadata=metadata,
         )
-        with structlog.contextvars.bound_contextvars(
-            correlation_id=metadata.correlation_id,
-            causation_id=metadata.causation_id,
-            command_id=str(envelope.command_id),
-            command_type=envelope.type,
-            aggregate_id=str(envelope.aggregate_id),
+        with (
+            structlog.contextvars.bound_contextvars(
+                correlation_id=metadata.correlation_id,
+                causation_id=metadata.causation_id,
+                command_id=str(envelope.command_id),
+                command_type=envelope.type,
+                aggregate_id=str(envelope.aggregate_id),
+            ),
+            tracing.span(
+                f"command {envelope.type}",
+                attributes={
+                    "cqrs.command_id": str(envelope.command_id),
+                    "cqrs.command_type": envelope.type,
+                    "cqrs.aggregate_id": str(envelope.aggregate_id),
+                },
+            ) as span,
         ):
             reply = await self._handle_command(envelope, internal=True)
+            span.set("cqrs.outcome", reply.status)
             log.debug(
                 "process_step",
                 process=self.process.name,

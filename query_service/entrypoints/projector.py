@@ -14,7 +14,7 @@ import asyncio
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 import structlog
@@ -33,8 +33,12 @@ from query_service.adapters.mongo import TRANSIENT_ERRORS
 from query_service.entrypoints.lanes import AggregateLanes
 from query_service.metrics import ProjectorMetrics
 from query_service.service_layer.projector import Outcome, Projected, Rejected
+from shared import tracing
 from shared.messages import EventEnvelope
 from shared.topology import AGGREGATE_ID_HEADER
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -245,33 +249,56 @@ class ProjectorConsumer:
         if self._handed_back(message):
             log.info("event_left_to_the_next_consumer")
             return
+        with tracing.span(
+            f"project {envelope.type}",
+            parent=_trace_of(message, envelope),
+            kind="consumer",
+            attributes={
+                "cqrs.event_id": str(envelope.event_id),
+                "cqrs.event_type": envelope.type,
+                "cqrs.aggregate_id": key,
+                "cqrs.version": envelope.version,
+                "cqrs.position": envelope.position,
+            },
+        ) as span:
+            span.set("cqrs.outcome", await self._project_traced(message, envelope, key))
+
+    async def _project_traced(
+        self, message: AbstractIncomingMessage, envelope: EventEnvelope, key: str
+    ) -> str:
+        """Project and settle; returns the outcome for the span."""
         try:
             outcome = await self._with_retries(envelope)
         except self._retry_policy.transient_errors as e:
             log.warning("event_requeued_after_transient_errors", error=repr(e))
             await self._requeue(message, key)
-            return
+            return "requeued"
         except Exception as e:
             # A bug or an unexpected store error must not kill the consumer nor loop forever:
             # the message is parked with the error, and the traceback goes to the log.
             log.exception("projection_failed")
             await self._park(message, f"projection failed: {type(e).__name__}: {e}", key)
-            return
+            return "parked"
 
         match outcome:
             case Projected(applied=applied, duplicates=duplicates):
                 if not await self._settle(message):
                     self._lanes.hold_back(key)
+                    return "handed_back"
                 elif applied:
                     self.metrics.count_projected(envelope.type, envelope.recorded_at)
                     log.debug("event_projected", projections=list(applied))
+                    return "projected"
                 elif duplicates:
                     self.metrics.duplicates += 1
                     log.debug("event_duplicate_ignored", projections=list(duplicates))
+                    return "duplicate"
                 else:
                     log.debug("event_not_projected")  # no read model wants it
+                    return "not_projected"
             case Rejected(reason=reason):
                 await self._park(message, reason, key)
+                return "parked"
 
     async def _with_retries(self, envelope: EventEnvelope) -> Outcome:
         policy = self._retry_policy
@@ -343,6 +370,17 @@ class ProjectorConsumer:
         if channel is None:
             return False
         return channel in self._released or bool(getattr(channel, "is_closed", False))
+
+
+def _trace_of(message: AbstractIncomingMessage, envelope: EventEnvelope) -> Context | None:
+    """The trace of the command that produced the event, as stored with it (the relay also
+    sends it as a header, for consumers that do not read the body)."""
+    if not tracing.enabled():
+        return None
+    carrier = dict(message.headers or {})
+    if envelope.metadata.traceparent is not None:
+        carrier[tracing.TRACEPARENT] = envelope.metadata.traceparent
+    return tracing.extract(carrier)
 
 
 def _log_retry(state: RetryCallState) -> None:

@@ -48,6 +48,7 @@ class FakeEventStore:
         events: Sequence[NewEvent],
         command_id: UUID,
         correlation_id: str | None,
+        traceparent: str | None = None,
     ) -> Reply:
         if self.conflicts_to_inject:
             self.conflicts_to_inject -= 1
@@ -68,7 +69,11 @@ class FakeEventStore:
                     type=event.type,
                     schema_version=event.schema_version,
                     data=event.data,
-                    metadata={"correlation_id": correlation_id, "causation_id": str(command_id)},
+                    metadata={
+                        "correlation_id": correlation_id,
+                        "causation_id": str(command_id),
+                        **({"traceparent": traceparent} if traceparent else {}),
+                    },
                     recorded_at=datetime.now(UTC),
                 )
             )
