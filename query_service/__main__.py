@@ -58,6 +58,8 @@ async def serve(settings: QueryServiceSettings) -> None:
                     port=settings.http_port,
                     log_config=None,
                     access_log=False,
+                    # Beyond it, 503 at once instead of a queue that grows with the flood.
+                    limit_concurrency=settings.http_max_concurrency,
                     lifespan="on",
                 )
             )
