@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 
 class TcpProxy:
@@ -53,3 +55,23 @@ class TcpProxy:
                 await writer.drain()
         writer.close()
         self._writers.discard(writer)
+
+
+@contextlib.asynccontextmanager
+async def proxy_for(url: str) -> AsyncIterator[TcpProxy]:
+    """A started proxy to the server of `url` (a DSN or an AMQP/MongoDB URL), cut at the end."""
+    parts = urlsplit(url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 0)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.cut()
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    """`url` with its host and port replaced by the proxy's; credentials and path kept."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@127.0.0.1:{proxy.port}" if credentials else f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -56,16 +56,9 @@ from shared.ledger import (
     WithdrawMoney,
 )
 from shared.messages import Command, CommandEnvelope, Reply
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, through
 
 FAULTS = ("kill-command", "kill-query", "broker-outage", "database-outage", "mongo-outage")
-
-
-def through(proxy: TcpProxy, url: str) -> str:
-    parts = urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    netloc = f"{credentials}@127.0.0.1:{proxy.port}" if credentials else f"127.0.0.1:{proxy.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def with_path(url: str, path: str) -> str:

@@ -12,6 +12,7 @@ from command_service.adapters.migrations import migrate
 from command_service.bootstrap import CommandService, start
 from shared.client import CommandClient
 from shared.settings import CommandServiceSettings
+from tests.tcp_proxy import TcpProxy, proxy_for
 
 pytestmark = pytest.mark.integration
 
@@ -58,3 +59,17 @@ async def client(broker: str, command_service: CommandService) -> AsyncIterator[
     client = await CommandClient.connect(broker)
     yield client
     await client.close()
+
+
+@pytest.fixture
+async def postgres_proxy(pg_dsn: str) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy to PostgreSQL that a test can cut and restore (`tests.tcp_proxy.through`)."""
+    async with proxy_for(pg_dsn) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+async def broker_proxy(broker: str) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy to RabbitMQ that a test can cut and restore."""
+    async with proxy_for(broker) as proxy:
+        yield proxy

@@ -8,8 +8,6 @@ partition (single active consumer) with nobody reading it, and its commands woul
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
@@ -17,24 +15,9 @@ import pytest
 from command_service.bootstrap import start
 from shared import topology
 from shared.settings import CommandServiceSettings
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, through
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def proxy(broker: str) -> AsyncIterator[TcpProxy]:
-    target = urlsplit(broker)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
-    await proxy.start()
-    yield proxy
-    await proxy.cut()
-
-
-def through(proxy: TcpProxy, url: str) -> str:
-    parts = urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    return urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}"))
 
 
 async def consumer_counts(broker: str, partitions: int) -> list[int]:
@@ -61,17 +44,17 @@ async def wait_for_counts(broker: str, wanted: list[int], timeout: float = 20.0)
 
 
 async def test_a_partition_given_up_during_an_outage_is_not_consumed_after_it(
-    command_settings: CommandServiceSettings, proxy: TcpProxy, broker: str
+    command_settings: CommandServiceSettings, broker_proxy: TcpProxy, broker: str
 ) -> None:
-    settings = command_settings.model_copy(update={"amqp_url": through(proxy, broker)})
+    settings = command_settings.model_copy(update={"amqp_url": through(broker_proxy, broker)})
     service = await start(settings)
     try:
         await wait_for_counts(broker, [1, 1])
-        await proxy.cut()
+        await broker_proxy.cut()
         await asyncio.sleep(0.5)
         # What the leases do when another replica takes the partition: stop consuming it.
         await service.consumer.stop_partition(topology.command_partition_queue(0))
-        await proxy.restore()
+        await broker_proxy.restore()
         # Partition 1 is consumed again after the reconnection; partition 0 stays free.
         await wait_for_counts(broker, [0, 1])
         await asyncio.sleep(2.0)  # room for a late consumer recovery to show up
@@ -81,16 +64,16 @@ async def test_a_partition_given_up_during_an_outage_is_not_consumed_after_it(
 
 
 async def test_every_partition_is_consumed_again_after_the_connection_returns(
-    command_settings: CommandServiceSettings, proxy: TcpProxy, broker: str
+    command_settings: CommandServiceSettings, broker_proxy: TcpProxy, broker: str
 ) -> None:
-    settings = command_settings.model_copy(update={"amqp_url": through(proxy, broker)})
+    settings = command_settings.model_copy(update={"amqp_url": through(broker_proxy, broker)})
     service = await start(settings)
     try:
         await wait_for_counts(broker, [1, 1])
         for _ in range(2):
-            await proxy.cut()
+            await broker_proxy.cut()
             await asyncio.sleep(0.5)
-            await proxy.restore()
+            await broker_proxy.restore()
             await wait_for_counts(broker, [1, 1])
         assert service.consumer.partitions == [
             topology.command_partition_queue(0),

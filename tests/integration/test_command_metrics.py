@@ -10,7 +10,6 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import httpx
@@ -24,7 +23,7 @@ from shared.messages import CommandEnvelope
 from shared.settings import CommandServiceSettings
 from tests.metrics_support import Samples, labelled, scrape, value
 from tests.query_support import eventually
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, through
 
 pytestmark = pytest.mark.integration
 
@@ -32,21 +31,6 @@ pytestmark = pytest.mark.integration
 def endpoint(service: CommandService) -> str:
     assert service.http is not None
     return f"http://127.0.0.1:{service.http.port}"
-
-
-@pytest.fixture
-async def proxy(pg_dsn: str) -> AsyncIterator[TcpProxy]:
-    target = urlsplit(pg_dsn)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
-    await proxy.start()
-    yield proxy
-    await proxy.cut()
-
-
-def through(proxy: TcpProxy, dsn: str) -> str:
-    parts = urlsplit(dsn)
-    user = f"{parts.username}@" if parts.username else ""
-    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}"))
 
 
 @pytest.fixture
@@ -137,10 +121,10 @@ async def test_status_tells_partitions_membership_and_relay_progress(
 
 
 async def test_readiness_follows_the_database(
-    command_settings: CommandServiceSettings, proxy: TcpProxy
+    command_settings: CommandServiceSettings, postgres_proxy: TcpProxy
 ) -> None:
     settings = command_settings.model_copy(
-        update={"postgres_dsn": through(proxy, command_settings.postgres_dsn)}
+        update={"postgres_dsn": through(postgres_proxy, command_settings.postgres_dsn)}
     )
     service = await start(settings)
     try:
@@ -158,7 +142,7 @@ async def test_readiness_follows_the_database(
                 "partitions",
             }
 
-            await proxy.cut()
+            await postgres_proxy.cut()
             _, body = await eventually(readiness, lambda reading: reading[0] == 503)
             assert body["status"] == "not_ready"
             assert body["checks"]["postgres"]["ok"] is False
@@ -170,7 +154,7 @@ async def test_readiness_follows_the_database(
             scraped = await scrape(http)  # still answers, the backlog unknown rather than 0
             assert math.isnan(value(scraped, "cqrs_relay_backlog_events"))
 
-            await proxy.restore()
+            await postgres_proxy.restore()
             _, body = await eventually(readiness, lambda reading: reading[0] == 200)
             assert body["checks"]["partitions"]["owned"] == [0, 1]
     finally:

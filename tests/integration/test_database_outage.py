@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
@@ -15,31 +13,16 @@ from shared import topology
 from shared.client import CommandClient
 from shared.ledger import DepositMoney, OpenAccount
 from shared.settings import CommandServiceSettings
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, through
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def proxy(pg_dsn: str) -> AsyncIterator[TcpProxy]:
-    target = urlsplit(pg_dsn)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
-    await proxy.start()
-    yield proxy
-    await proxy.cut()
-
-
-def through(proxy: TcpProxy, dsn: str) -> str:
-    parts = urlsplit(dsn)
-    user = f"{parts.username}@" if parts.username else ""
-    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}"))
-
-
 async def test_a_command_sent_while_the_database_is_down_is_handled_when_it_returns(
-    command_settings: CommandServiceSettings, proxy: TcpProxy, broker: str
+    command_settings: CommandServiceSettings, postgres_proxy: TcpProxy, broker: str
 ) -> None:
     settings = command_settings.model_copy(
-        update={"postgres_dsn": through(proxy, command_settings.postgres_dsn)}
+        update={"postgres_dsn": through(postgres_proxy, command_settings.postgres_dsn)}
     )
     service = await start(settings)
     connection = await aio_pika.connect(broker)
@@ -53,13 +36,13 @@ async def test_a_command_sent_while_the_database_is_down_is_handled_when_it_retu
                 OpenAccount(owner_id="o", currency="EUR", initial_deposit=10), account
             )
             assert opened.status == "accepted"
-            await proxy.cut()
+            await postgres_proxy.cut()
             deposit = asyncio.create_task(
                 client.send_command(DepositMoney(amount=5), account, timeout=60)
             )
             await asyncio.sleep(3)
             assert not deposit.done()  # not answered, so not acked, while the database is away
-            await proxy.restore()
+            await postgres_proxy.restore()
             reply = await deposit
         assert (reply.status, reply.version) == ("accepted", 3)
         dead = await channel.declare_queue(topology.COMMAND_DEAD_LETTER_QUEUE, passive=True)
