@@ -93,6 +93,8 @@ async def projectors(
         "CQRS_PROJECTOR_REBALANCE_SECONDS": "0.5",
         "CQRS_PREFETCH": "16",
         "CQRS_LOG_JSON": "true",
+        # `event_projected`, counted below per process, is a DEBUG line.
+        "CQRS_LOG_LEVEL": "DEBUG",
         "CQRS_HTTP_PORT": str(_free_port()),
     }
     running = Projectors({}, {})
