@@ -58,7 +58,16 @@ from shared.ledger import (
 from shared.messages import Command, CommandEnvelope, Reply
 from tests.tcp_proxy import TcpProxy, through
 
-FAULTS = ("kill-command", "kill-query", "broker-outage", "database-outage", "mongo-outage")
+# broker-close: RabbitMQ itself closes every connection of the run's vhost (CONNECTION_FORCED,
+# what clients see when a node restarts); the -outage faults cut the TCP link for a while.
+FAULTS = (
+    "kill-command",
+    "kill-query",
+    "broker-outage",
+    "database-outage",
+    "mongo-outage",
+    "broker-close",
+)
 
 
 def with_path(url: str, path: str) -> str:
@@ -330,6 +339,8 @@ class Chaos:
                 victim.kill()
                 await asyncio.sleep(1)
                 victim.start()
+            elif fault == "broker-close":
+                await self.close_broker_connections()
             else:
                 proxy = self.proxies[fault.removesuffix("-outage")]
                 await proxy.cut()
@@ -337,6 +348,15 @@ class Chaos:
                 await proxy.restore()
             print(f"  {time.strftime('%H:%M:%S')} fault injected: {fault}", flush=True)
             await asyncio.sleep(interval)
+
+    async def close_broker_connections(self) -> None:
+        vhost = urlsplit(self.amqp).path.lstrip("/") or "/"
+        await asyncio.to_thread(
+            subprocess.run,
+            ["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "chaos: broker-close"],
+            capture_output=True,
+            check=True,
+        )
 
     async def quiesce(self, timeout: float) -> float | None:
         """Seconds until every queue is empty and every read model caught up with the store."""
