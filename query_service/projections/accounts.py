@@ -8,16 +8,14 @@ in `_id`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, Literal
 
 from pymongo import IndexModel
-from pymongo.asynchronous.collection import AsyncCollection
 
-from query_service.adapters.mongo import Document, VersionedCollection
-from query_service.projections.base import ApplyResult, InvalidEvent, event_data
-from query_service.projections.bulk import Step, skip_invalid, write_steps
+from query_service.adapters.mongo import VersionedCollection
+from query_service.projections.base import InvalidEvent
+from query_service.projections.document import DocumentProjection, DocumentReadModel, DocumentRules
 from shared.ledger import (
     ACCOUNT,
     ACCOUNT_EVENTS,
@@ -35,8 +33,6 @@ from shared.ledger import (
 from shared.messages import Event, EventEnvelope
 
 AccountStatus = Literal["open", "frozen", "closed"]
-
-EVENT_TYPES: Final[dict[str, type[Event]]] = {e.type_name(): e for e in ACCOUNT_EVENTS}
 
 
 def opened_account(event: AccountOpened, envelope: EventEnvelope) -> dict[str, Any]:
@@ -86,85 +82,31 @@ def _positive(amount: int) -> int:
 
 NAME: Final = "accounts"
 
+RULES: Final = DocumentRules(
+    name=NAME,
+    aggregate_type=ACCOUNT,
+    events=ACCOUNT_EVENTS,
+    creating=AccountOpened,
+    created=opened_account,
+    updated=lambda event, envelope: account_update(event, envelope.recorded_at),
+    # Listed by owner, status and currency in account-id order.
+    indexes=(
+        IndexModel([("owner_id", 1), ("_id", 1)], name="owner_id"),
+        IndexModel([("status", 1), ("currency", 1), ("_id", 1)], name="status_currency"),
+        IndexModel([("currency", 1), ("_id", 1)], name="currency"),
+    ),
+)
 
-class AccountsProjection:
+
+class AccountsProjection(DocumentProjection[AccountOpened]):
     """Projects the account events into the `accounts` collection, one version at a time."""
 
-    name: Final = NAME
-
     def __init__(self, documents: VersionedCollection) -> None:
-        self._documents = documents
-
-    def handles(self, envelope: EventEnvelope) -> bool:
-        return envelope.aggregate_type == ACCOUNT and envelope.type in EVENT_TYPES
-
-    async def apply(self, envelope: EventEnvelope) -> ApplyResult:
-        event = event_data(EVENT_TYPES[envelope.type], envelope)
-        account_id = str(envelope.aggregate_id)
-        if isinstance(event, AccountOpened):
-            return await self._documents.create(
-                account_id,
-                version=envelope.version,
-                position=envelope.position,
-                fields=opened_account(event, envelope),
-            )
-        return await self._documents.advance(
-            account_id,
-            version=envelope.version,
-            position=envelope.position,
-            update=account_update(event, envelope.recorded_at),
-        )
-
-    async def apply_batch(self, envelopes: Sequence[EventEnvelope]) -> None:
-        steps = [
-            step
-            for envelope in envelopes
-            if self.handles(envelope) and (step := skip_invalid(self._step, envelope)) is not None
-        ]
-        await write_steps(self._documents.collection, steps)
-
-    def _step(self, envelope: EventEnvelope) -> Step:
-        event = event_data(EVENT_TYPES[envelope.type], envelope)
-        aggregate_id = str(envelope.aggregate_id)
-        if isinstance(event, AccountOpened):
-            if envelope.version != 1:
-                raise InvalidEvent(f"a creating event must have version 1, not {envelope.version}")
-            return Step(
-                aggregate_id,
-                envelope.version,
-                envelope.position,
-                fields=opened_account(event, envelope),
-            )
-        return Step(
-            aggregate_id,
-            envelope.version,
-            envelope.position,
-            update=account_update(event, envelope.recorded_at),
-        )
+        super().__init__(RULES, documents)
 
 
-class AccountsReadModel:
+class AccountsReadModel(DocumentReadModel[AccountOpened]):
     """Account detail: one document per account."""
 
-    name: Final = NAME
-    collections: Final = (NAME,)
-    aggregate_types: Final = frozenset({ACCOUNT})
-    version_collection: Final = NAME
-
-    def handles(self, envelope: EventEnvelope) -> bool:
-        return envelope.aggregate_type == ACCOUNT and envelope.type in EVENT_TYPES
-
-    def indexes(self) -> Mapping[str, Sequence[IndexModel]]:
-        return {
-            NAME: [
-                IndexModel([("owner_id", 1), ("_id", 1)], name="owner_id"),
-                IndexModel([("status", 1), ("currency", 1), ("_id", 1)], name="status_currency"),
-                IndexModel([("currency", 1), ("_id", 1)], name="currency"),
-            ]
-        }
-
-    def bind(self, collections: Mapping[str, AsyncCollection[Document]]) -> AccountsProjection:
-        return AccountsProjection(VersionedCollection(collections[NAME]))
-
-    def versions(self, document: Document) -> dict[str, int]:
-        return {str(document["_id"]): int(document["version"])}
+    def __init__(self) -> None:
+        super().__init__(RULES)

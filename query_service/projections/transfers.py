@@ -7,15 +7,11 @@ Document: `_id` = transfer id, `id`, `status` (`pending` | `completed` | `failed
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from pymongo import IndexModel
-from pymongo.asynchronous.collection import AsyncCollection
-
-from query_service.adapters.mongo import Document, VersionedCollection
-from query_service.projections.base import ApplyResult, InvalidEvent, event_data
-from query_service.projections.bulk import Step, skip_invalid, write_steps
+from query_service.adapters.mongo import VersionedCollection
+from query_service.projections.base import InvalidEvent
+from query_service.projections.document import DocumentProjection, DocumentReadModel, DocumentRules
 from shared.ledger import (
     TRANSFER,
     TRANSFER_EVENTS,
@@ -26,8 +22,6 @@ from shared.ledger import (
 from shared.messages import Event, EventEnvelope
 
 NAME: Final = "transfers"
-
-EVENT_TYPES: Final[dict[str, type[Event]]] = {e.type_name(): e for e in TRANSFER_EVENTS}
 
 
 def requested_transfer(event: TransferRequested, envelope: EventEnvelope) -> dict[str, Any]:
@@ -56,78 +50,25 @@ def transfer_update(event: Event, envelope: EventEnvelope) -> dict[str, Any]:
     return {"$set": {**changes, "updated_at": envelope.recorded_at}}
 
 
-class TransfersProjection:
+RULES: Final = DocumentRules(
+    name=NAME,
+    aggregate_type=TRANSFER,
+    events=TRANSFER_EVENTS,
+    creating=TransferRequested,
+    created=requested_transfer,
+    updated=transfer_update,  # read by `_id` only: no secondary index
+)
+
+
+class TransfersProjection(DocumentProjection[TransferRequested]):
     """Projects the transfer events into the `transfers` collection, one version at a time."""
 
-    name: Final = NAME
-
     def __init__(self, documents: VersionedCollection) -> None:
-        self._documents = documents
-
-    def handles(self, envelope: EventEnvelope) -> bool:
-        return envelope.aggregate_type == TRANSFER and envelope.type in EVENT_TYPES
-
-    async def apply(self, envelope: EventEnvelope) -> ApplyResult:
-        event = event_data(EVENT_TYPES[envelope.type], envelope)
-        transfer_id = str(envelope.aggregate_id)
-        if isinstance(event, TransferRequested):
-            return await self._documents.create(
-                transfer_id,
-                version=envelope.version,
-                position=envelope.position,
-                fields=requested_transfer(event, envelope),
-            )
-        return await self._documents.advance(
-            transfer_id,
-            version=envelope.version,
-            position=envelope.position,
-            update=transfer_update(event, envelope),
-        )
-
-    async def apply_batch(self, envelopes: Sequence[EventEnvelope]) -> None:
-        steps = [
-            step
-            for envelope in envelopes
-            if self.handles(envelope) and (step := skip_invalid(self._step, envelope)) is not None
-        ]
-        await write_steps(self._documents.collection, steps)
-
-    def _step(self, envelope: EventEnvelope) -> Step:
-        event = event_data(EVENT_TYPES[envelope.type], envelope)
-        aggregate_id = str(envelope.aggregate_id)
-        if isinstance(event, TransferRequested):
-            if envelope.version != 1:
-                raise InvalidEvent(f"a creating event must have version 1, not {envelope.version}")
-            return Step(
-                aggregate_id,
-                envelope.version,
-                envelope.position,
-                fields=requested_transfer(event, envelope),
-            )
-        return Step(
-            aggregate_id,
-            envelope.version,
-            envelope.position,
-            update=transfer_update(event, envelope),
-        )
+        super().__init__(RULES, documents)
 
 
-class TransfersReadModel:
+class TransfersReadModel(DocumentReadModel[TransferRequested]):
     """Transfer status: one document per transfer."""
 
-    name: Final = NAME
-    collections: Final = (NAME,)
-    aggregate_types: Final = frozenset({TRANSFER})
-    version_collection: Final = NAME
-
-    def handles(self, envelope: EventEnvelope) -> bool:
-        return envelope.aggregate_type == TRANSFER and envelope.type in EVENT_TYPES
-
-    def indexes(self) -> Mapping[str, Sequence[IndexModel]]:
-        return {}  # read by `_id` only
-
-    def bind(self, collections: Mapping[str, AsyncCollection[Document]]) -> TransfersProjection:
-        return TransfersProjection(VersionedCollection(collections[NAME]))
-
-    def versions(self, document: Document) -> dict[str, int]:
-        return {str(document["_id"]): int(document["version"])}
+    def __init__(self) -> None:
+        super().__init__(RULES)
