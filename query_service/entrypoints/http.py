@@ -201,9 +201,6 @@ def get_settings(request: Request) -> QueryServiceSettings:
 Catalog = Annotated[ReadModelCatalog, Depends(get_catalog)]
 Settings = Annotated[QueryServiceSettings, Depends(get_settings)]
 
-# Probes and metrics stay open whichever router declares them: orchestrators and scrapers
-# call them without credentials, and they disclose no read-model data.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 UNAUTHORIZED = "missing or wrong bearer token"
 bearer = HTTPBearer(
     auto_error=False, description="`CQRS_API_TOKEN`: `Authorization: Bearer <token>`"
@@ -215,11 +212,8 @@ def require_token(token: SecretStr) -> Callable[..., Awaitable[None]]:
     expected = token.get_secret_value().encode()
 
     async def check(
-        request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:
-        if request.url.path in OPEN_PATHS:
-            return
         given = credentials.credentials.encode() if credentials is not None else b""
         # Constant time, so the answer's timing tells nothing about the token.
         if not hmac.compare_digest(given, expected):
@@ -274,7 +268,7 @@ def _reached(document: dict[str, Any] | None) -> dict[str, int | None] | None:
 
 router = APIRouter()
 admin = APIRouter(prefix="/admin", tags=["admin"])
-# Liveness and readiness: open even when the API requires a token.
+# Liveness, readiness and metrics: open even when the API requires a token.
 probes = APIRouter()
 
 Responses = dict[int | str, dict[str, Any]]
@@ -472,13 +466,9 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
         checks["mongo"] = {"ok": True}
     except MONGO_PROBE_ERRORS as e:
         checks["mongo"] = {"ok": False, "error": repr(e)}
-    link: amqp.BrokerLink = request.app.state.broker
-    partitions = [projector_partition_queue(i) for i in range(settings.projector_partitions)]
+    partitions = _partition_queues(settings)
     try:
-        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-            depths = await amqp.queue_depths(
-                await link.connection(), [*partitions, PROJECTOR_PARKED_QUEUE]
-            )
+        depths = await _queue_depths(request, [*partitions, PROJECTOR_PARKED_QUEUE])
         checks["broker"] = {"ok": True}
         lag = sum(depths[name] for name in partitions)
         _prometheus(request).projection_lag_events.set(lag)
@@ -507,21 +497,29 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
     return JSONResponse(status_code=200 if ready else 503, content=body.model_dump(mode="json"))
 
 
-@router.get("/metrics", include_in_schema=False)
+@probes.get("/metrics", include_in_schema=False)
 async def metrics(request: Request, settings: Settings) -> Response:
     """Prometheus metrics; the projection lag in events is measured now, from the broker."""
     prometheus = _prometheus(request)
-    link: amqp.BrokerLink = request.app.state.broker
-    partitions = [projector_partition_queue(i) for i in range(settings.projector_partitions)]
     try:
-        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-            depths = await amqp.queue_depths(await link.connection(), partitions)
+        depths = await _queue_depths(request, _partition_queues(settings))
         prometheus.projection_lag_events.set(sum(depths.values()))
     except BROKER_PROBE_ERRORS as e:
         # Unknown is not zero: a dashboard shows a gap rather than a healthy-looking lag.
         prometheus.projection_lag_events.set(math.nan)
         log.debug("metrics_lag_unknown", error=repr(e))
     return Response(prometheus.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _partition_queues(settings: QueryServiceSettings) -> list[str]:
+    return [projector_partition_queue(i) for i in range(settings.projector_partitions)]
+
+
+async def _queue_depths(request: Request, names: list[str]) -> dict[str, int]:
+    """Messages ready in these queues, through the app's broker link, within the probe time."""
+    link: amqp.BrokerLink = request.app.state.broker
+    async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+        return await amqp.queue_depths(await link.connection(), names)
 
 
 def _prometheus(request: Request) -> QueryMetrics:
@@ -759,7 +757,8 @@ def create_app(
         app.include_router(router)
         app.include_router(admin)
     else:
-        # FastAPI's docs routes are not on these routers; /metrics skips the check (OPEN_PATHS).
+        # Probes, /metrics and FastAPI's docs are on other routers: orchestrators and scrapers
+        # call them without credentials, and they disclose no read-model data.
         protected: dict[str, Any] = {
             "dependencies": [Depends(require_token(settings.api_token))],
             "responses": {401: {"model": ErrorDetail}},
