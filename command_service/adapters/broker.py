@@ -15,6 +15,7 @@ from aio_pika.abc import (
 )
 
 from shared import topology, tracing
+from shared.amqp import copy_message
 from shared.messages import EventEnvelope, Reply
 
 SINGLE_ACTIVE: dict[str, FieldValue] = {"x-single-active-consumer": True}
@@ -117,13 +118,4 @@ def dead_letter_message(original: AbstractIncomingMessage, reason: str) -> aio_p
     headers = dict(original.headers or {})
     headers[topology.REASON_HEADER] = reason[:1000]
     headers["x-original-routing-key"] = original.routing_key or ""
-    return aio_pika.Message(
-        body=original.body,
-        content_type=original.content_type,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=original.message_id,
-        correlation_id=original.correlation_id,
-        reply_to=original.reply_to,
-        type=original.type,
-        headers=headers,
-    )
+    return copy_message(original, headers)

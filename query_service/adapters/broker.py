@@ -27,6 +27,7 @@ from aio_pika.abc import (
     HeadersType,
 )
 
+from shared.amqp import copy_message
 from shared.topology import (
     AGGREGATE_ID_HEADER,
     EVENTS_EXCHANGE,
@@ -172,19 +173,7 @@ class AmqpParker:
         headers[ORIGINAL_EXCHANGE_HEADER] = message.exchange or ""
         headers[ORIGINAL_ROUTING_KEY_HEADER] = message.routing_key or ""
         await self._exchange.publish(
-            aio_pika.Message(
-                body=message.body,
-                headers=headers,
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                correlation_id=message.correlation_id,
-                message_id=message.message_id,
-                timestamp=message.timestamp,
-                type=message.type,
-                app_id=message.app_id,
-            ),
-            routing_key=message.routing_key or "",
+            copy_message(message, headers), routing_key=message.routing_key or ""
         )
 
 

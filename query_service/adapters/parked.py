@@ -19,6 +19,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
 from query_service.adapters import broker
+from shared.amqp import copy_message
 from shared.topology import AGGREGATE_ID_HEADER, REASON_HEADER
 
 BODY_PREVIEW_CHARS = 300
@@ -172,18 +173,7 @@ def _replayed(message: AbstractIncomingMessage) -> aio_pika.Message:
     headers = {
         key: value for key, value in (message.headers or {}).items() if not key.startswith("x-")
     }
-    return aio_pika.Message(
-        body=message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        correlation_id=message.correlation_id,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
+    return copy_message(message, headers)
 
 
 def to_json(events: list[ParkedEvent]) -> str:

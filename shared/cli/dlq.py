@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shared import topology
+from shared.amqp import copy_message
 from shared.cli.common import (
     EXIT_ERROR,
     EXIT_UNREACHABLE,
@@ -160,19 +161,7 @@ def replayed_message(message: AbstractIncomingMessage) -> aio_pika.Message:
         if key not in (topology.REASON_HEADER, ORIGINAL_ROUTING_KEY_HEADER)
         and not key.startswith(("x-death", "x-first-death", "x-last-death"))
     }
-    return aio_pika.Message(
-        body=message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
+    return copy_message(message, headers)
 
 
 async def replay_dead_letters(url: str, *, command_ids: Collection[str] | None) -> ReplayResult:
