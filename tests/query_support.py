@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 from uuid import UUID, uuid4
 
 import aio_pika
+import httpx
 from aio_pika.abc import AbstractExchange
+from fastapi import FastAPI
 
 from shared.ledger import ACCOUNT, AccountOpened, MoneyDeposited
 from shared.messages import Event, EventEnvelope, EventMetadata
@@ -107,3 +110,14 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s; last value: {value!r}")
         await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def served(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for `app` in this process, with the app's lifespan entered around it."""
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://api") as http,
+    ):
+        yield http

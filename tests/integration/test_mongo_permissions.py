@@ -28,7 +28,7 @@ from query_service.adapters.mongo import Document, create_client
 from query_service.entrypoints.http import create_app
 from query_service.projections.ledger import build_catalog
 from shared.settings import QueryServiceSettings
-from tests.query_support import opened_account
+from tests.query_support import opened_account, served
 from tests.read_model_support import replay_one_by_one
 
 pytestmark = pytest.mark.integration
@@ -122,10 +122,7 @@ async def as_reader(server: SecuredServer) -> AsyncIterator[AsyncDatabase[Docume
 
 async def api_get(settings: QueryServiceSettings, path: str) -> httpx.Response:
     app = create_app(settings)  # the app opens its own client from CQRS_MONGO_URL
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as http,
-    ):
+    async with served(app) as http:
         return await http.get(path)
 
 

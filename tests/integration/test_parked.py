@@ -12,7 +12,6 @@ from pathlib import Path
 from uuid import uuid4
 
 import aio_pika
-import httpx
 import pytest
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -33,6 +32,7 @@ from tests.query_support import (
     opened_account,
     publish,
     relay_message,
+    served,
 )
 
 pytestmark = pytest.mark.integration
@@ -138,10 +138,7 @@ async def test_parked_events_are_listed_replayed_and_dropped(
     assert projector.consumer.metrics.parked == 2
 
     app = create_app(settings, database=database, metrics=projector.consumer.metrics)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api,
-    ):
+    async with served(app) as api:
         ready = (await api.get("/readyz")).json()
     assert ready["detail"]["parked"]["queue"] == 2
     assert ready["detail"]["parked"]["this_process"] == 2

@@ -23,7 +23,7 @@ from query_service.service_layer.projector import project
 from shared.ledger import AccountFrozen, MoneyWithdrawn
 from shared.settings import QueryServiceSettings
 from tests.conftest import Services
-from tests.query_support import envelope, opened_account
+from tests.query_support import envelope, opened_account, served
 
 pytestmark = pytest.mark.integration
 
@@ -37,10 +37,7 @@ def settings(services: Services, mongo_db: str) -> QueryServiceSettings:
 async def api(settings: QueryServiceSettings) -> AsyncIterator[httpx.AsyncClient]:
     """The app with its own lifespan (its own MongoDB client), as uvicorn would run it."""
     app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client,
-    ):
+    async with served(app) as client:
         yield client
 
 
@@ -136,10 +133,7 @@ async def test_an_unreachable_store_is_503_not_500(settings: QueryServiceSetting
     # into a failure of whichever test runs next.
     database = cast(AsyncDatabase[Document], _UnreachableDatabase())
     app = create_app(settings, database=database)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api,
-    ):
+    async with served(app) as api:
         response = await api.get(f"/accounts/{uuid4()}")
 
     assert response.status_code == 503

@@ -17,7 +17,7 @@ from query_service.adapters.mongo import Document, create_client
 from query_service.entrypoints.http import create_app
 from shared.settings import QueryServiceSettings
 from tests.conftest import Services
-from tests.query_support import opened_account
+from tests.query_support import opened_account, served
 from tests.read_model_support import replay_one_by_one
 
 pytestmark = pytest.mark.integration
@@ -40,10 +40,7 @@ async def api(services: Services, mongo_db: str) -> AsyncIterator[httpx.AsyncCli
     database: AsyncDatabase[Document] = client[mongo_db]
     await replay_one_by_one(database, opened_account(ACCOUNT, owner_id="alice", deposit=10))
     app = create_app(settings, database=database)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as http,
-    ):
+    async with served(app) as http:
         yield http
     await client.close()
 

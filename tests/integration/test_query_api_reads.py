@@ -27,7 +27,7 @@ from shared.ledger import (
 from shared.messages import EventEnvelope
 from shared.settings import QueryServiceSettings
 from tests.conftest import Services
-from tests.query_support import envelope, opened_account
+from tests.query_support import envelope, opened_account, served
 from tests.read_model_support import replay_one_by_one
 
 pytestmark = pytest.mark.integration
@@ -58,10 +58,7 @@ async def api(
     settings: QueryServiceSettings, database: AsyncDatabase[Document]
 ) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings, database=database)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client,
-    ):
+    async with served(app) as client:
         yield client
 
 

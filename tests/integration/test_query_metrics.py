@@ -16,7 +16,7 @@ from shared.settings import QueryServiceSettings
 from shared.topology import EVENTS_EXCHANGE
 from tests.conftest import Services
 from tests.metrics_support import Samples, labelled, scrape, value
-from tests.query_support import eventually, opened_account, publish, relay_message
+from tests.query_support import eventually, opened_account, publish, relay_message, served
 
 pytestmark = pytest.mark.integration
 
@@ -44,10 +44,7 @@ async def service(settings: QueryServiceSettings) -> AsyncIterator[QueryService]
 async def api(service: QueryService) -> AsyncIterator[httpx.AsyncClient]:
     app = service.app
     assert app is not None
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client,
-    ):
+    async with served(app) as client:
         yield client
 
 
