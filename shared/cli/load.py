@@ -181,15 +181,6 @@ def load(
 
     async def go() -> tuple[Tally, float]:
         async with await CommandClient.connect(amqp_url(amqp)) as client:
-            if as_json:
-                return await drive(
-                    client,
-                    workload,
-                    rate=rate,
-                    duration=duration,
-                    max_in_flight=max_in_flight,
-                    timeout=timeout,
-                )
             progress = Progress(
                 TextColumn("[bold]load"),
                 BarColumn(),
@@ -197,6 +188,7 @@ def load(
                 TextColumn("{task.fields[tally]}"),
                 TimeElapsedColumn(),
                 console=out(),
+                disable=as_json,  # --json prints the summary only
             )
             task = progress.add_task("load", total=max(1, round(rate * duration)), tally="")
 
