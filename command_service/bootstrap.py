@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aio_pika
 import asyncpg
@@ -17,7 +15,7 @@ from command_service.adapters.event_store import PostgresEventStore, create_pool
 from command_service.adapters.migrations import migrate_schema
 from command_service.adapters.partition_leases import PartitionLeases
 from command_service.adapters.relay import RELAY_SUBSCRIPTION, EventPublisher
-from command_service.adapters.subscription import Subscription
+from command_service.adapters.subscription import RECOVERABLE_ERRORS, Subscription
 from command_service.domain.account import Account
 from command_service.domain.process import ProcessManager
 from command_service.domain.transfer import Transfer, TransferProcess
@@ -29,8 +27,11 @@ from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.process_managers import ProcessManagerRunner
 from command_service.service_layer.registry import CommandRegistry
 from shared.settings import CommandServiceSettings
+from shared.supervision import Supervisor
 
 log = structlog.get_logger(__name__)
+
+LEASES_TASK = "partition-leases"
 
 
 def build_registry() -> CommandRegistry:
@@ -55,18 +56,16 @@ class CommandService:
     connection: AbstractRobustConnection
     consumer: CommandConsumer
     subscriptions: list[Subscription]
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    supervisor: Supervisor
     leases: PartitionLeases | None = None
     http: HttpEndpoint | None = None
 
     async def stop(self) -> None:
         if self.http is not None:
             await self.http.stop()
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # The lease loop stops the partitions' consumers as it ends; then everything else.
+        await self.supervisor.stop(LEASES_TASK)
+        await self.supervisor.stop_all()
         await self.consumer.stop()
         await self.connection.close()
         await self.pool.close()
@@ -77,8 +76,13 @@ async def _start_partition(consumer: CommandConsumer, queue: str) -> None:
     consumer.start_partition(queue)
 
 
-async def start(settings: CommandServiceSettings) -> CommandService:
-    """Migrate the schema, declare the topology, and start consuming and relaying."""
+async def start(
+    settings: CommandServiceSettings, *, supervisor: Supervisor | None = None
+) -> CommandService:
+    """Migrate the schema, declare the topology, and start consuming and relaying.
+
+    Every long-lived task runs under `supervisor` (a new one by default: tests pass their own).
+    """
     await migrate_schema(settings.postgres_migration_dsn or settings.postgres_dsn)
     pool = await create_pool(settings.postgres_dsn, settings.postgres_pool_size)
     amqp = await aio_pika.connect_robust(settings.amqp_url)
@@ -91,6 +95,10 @@ async def start(settings: CommandServiceSettings) -> CommandService:
     relay_channel = await amqp.channel(publisher_confirms=True)
     registry = build_registry()
     metrics = CommandMetrics(registry.command_types)
+    if supervisor is None:
+        supervisor = Supervisor()
+    supervisor.counter = metrics.task_failures
+    supervisor.transient = RECOVERABLE_ERRORS
     handle = functools.partial(
         handle_command,
         store=PostgresEventStore(pool, append_seconds=metrics.event_append_seconds),
@@ -107,6 +115,8 @@ async def start(settings: CommandServiceSettings) -> CommandService:
         dead_letters=await broker.declare_dead_letter_exchange(confirmed),
         max_message_bytes=settings.max_message_bytes,
         metrics=metrics,
+        supervisor=supervisor,
+        reply_queue_prefix=settings.reply_queue_prefix,
     )
     relay = Subscription(
         name=RELAY_SUBSCRIPTION,
@@ -114,6 +124,7 @@ async def start(settings: CommandServiceSettings) -> CommandService:
         handler=EventPublisher(await broker.declare_events_exchange(relay_channel), metrics),
         batch_size=settings.relay_batch_size,
         poll_seconds=settings.relay_poll_seconds,
+        leader_timeout=settings.leader_timeout_seconds,
     )
     process_managers = [
         Subscription(
@@ -122,6 +133,7 @@ async def start(settings: CommandServiceSettings) -> CommandService:
             handler=ProcessManagerRunner(process, handle=handle, registry=registry),
             batch_size=settings.relay_batch_size,
             poll_seconds=settings.relay_poll_seconds,
+            leader_timeout=settings.leader_timeout_seconds,
         )
         for process in build_process_managers()
     ]
@@ -133,21 +145,26 @@ async def start(settings: CommandServiceSettings) -> CommandService:
             pool=pool,
             exchange=replay_channel.default_exchange,
             batch_size=settings.relay_batch_size,
+            supervisor=supervisor,
         )
     )
-    service = CommandService(settings, pool, amqp, consumer, [relay, *process_managers])
-    service.tasks = [asyncio.create_task(s.run(), name=s.name) for s in service.subscriptions]
+    service = CommandService(settings, pool, amqp, consumer, [relay, *process_managers], supervisor)
+    for subscription in service.subscriptions:
+        supervisor.spawn(subscription.name, subscription.run, restart_on_return=True)
     leases = PartitionLeases(
         dsn=settings.postgres_dsn,
         partitions=len(queues),
         acquire=lambda index: _start_partition(consumer, queues[index]),
         release=lambda index: consumer.stop_partition(queues[index]),
+        leader_timeout=settings.leader_timeout_seconds,
     )
     service.leases = leases
-    service.tasks.append(asyncio.create_task(leases.run(), name="partition-leases"))
-    vitals = Vitals(pool, amqp, leases, consumer, relay, metrics, replica_name())
+    supervisor.spawn(LEASES_TASK, leases.run, restart_on_return=True)
+    vitals = Vitals(pool, amqp, leases, consumer, relay, metrics, replica_name(), supervisor)
     try:
-        service.http = await serve(create_app(vitals), settings.http_host, settings.http_port)
+        service.http = await serve(
+            create_app(vitals), settings.http_host, settings.http_port, supervisor=supervisor
+        )
     except BaseException:
         await service.stop()
         raise

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-OUTCOMES = ("accepted", "rejected", "duplicate", "dead_lettered", "requeued")
+# `failed`: the handling raised something unexpected; the command was dead-lettered.
+OUTCOMES = ("accepted", "rejected", "duplicate", "dead_lettered", "requeued", "failed")
 # The `type` label of a message that names no registered command: what a client sends must not
 # grow the number of series.
 UNKNOWN_TYPE = "unknown"
@@ -64,6 +65,17 @@ class CommandMetrics:
         self.partitions_owned = Gauge(
             "cqrs_partitions_owned",
             "Command partitions this replica holds the lease of and consumes",
+            registry=self.registry,
+        )
+        self.replies_refused = Counter(
+            "cqrs_replies_refused",
+            "Replies not sent because the command's reply_to is not a reply queue",
+            registry=self.registry,
+        )
+        self.task_failures = Counter(
+            "cqrs_task_failures",
+            "Failures of a supervised long-lived task (restarted with backoff), by task",
+            ["task"],
             registry=self.registry,
         )
         # Every series exists from the start, so rates and dashboards see zeros, not gaps.

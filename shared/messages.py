@@ -6,7 +6,9 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.text import Identifier, check_payload
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
 
@@ -41,11 +43,18 @@ class Event(Message):
         return cls.__name__
 
 
+# Versions and positions stay far inside PostgreSQL's bigint and MongoDB's int64.
+MAX_COUNTER = 2**62
+
+
 class CommandMetadata(Message):
-    correlation_id: str | None = Field(default=None, max_length=128)
-    causation_id: str | None = Field(default=None, max_length=128)
+    """What a command says about itself. Every string here is an identifier (`shared.text`)."""
+
+    correlation_id: Identifier | None = None
+    causation_id: Identifier | None = None
     issued_at: datetime = Field(default_factory=utcnow)
-    user: str | None = Field(default=None, max_length=128)
+    # What the sender says it is; who sent it is the broker-verified AMQP `user_id`.
+    user: Identifier | None = None
 
 
 class CommandEnvelope(Message):
@@ -54,9 +63,15 @@ class CommandEnvelope(Message):
     command_id: UUID = Field(default_factory=uuid4)
     type: str = Field(pattern=NAME_PATTERN)
     aggregate_id: UUID
-    expected_version: int | None = Field(default=None, ge=0)
+    expected_version: int | None = Field(default=None, ge=0, le=MAX_COUNTER)
     payload: dict[str, Any] = Field(default_factory=dict)
     metadata: CommandMetadata = Field(default_factory=CommandMetadata)
+
+    @field_validator("payload")
+    @classmethod
+    def _payload_travels(cls, payload: dict[str, Any]) -> dict[str, Any]:
+        check_payload(payload)
+        return payload
 
 
 class EventMetadata(Message):

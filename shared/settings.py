@@ -76,6 +76,20 @@ class CommandServiceSettings(CommonSettings):
         gt=0,
         description="poll interval besides LISTEN/NOTIFY, and standby takeover time",
     )
+    leader_timeout_seconds: float = Field(
+        default=15.0,
+        ge=3,
+        le=600,
+        description="after a silent network cut, the bound on how long the relay, a process "
+        "manager or a partition lease stays with a replica that cannot reach PostgreSQL",
+    )
+    reply_queue_prefix: str = Field(
+        default="cqrs.reply.",
+        min_length=1,
+        max_length=200,
+        description="replies go only to queues named so, server-named ones (`amq.gen-*`) and "
+        "direct reply-to; a command with another `reply_to` gets no reply",
+    )
     http_host: str = Field(
         default="127.0.0.1",
         description="where `/healthz`, `/readyz`, `/status` and `/metrics` listen",
@@ -83,6 +97,15 @@ class CommandServiceSettings(CommonSettings):
     http_port: int = Field(
         default=8001, ge=0, le=65_535, description="their port (`0`: a free one)"
     )
+
+    @model_validator(mode="after")
+    def _leaders_poll_within_their_timeout(self) -> CommandServiceSettings:
+        if self.relay_poll_seconds * 3 > self.leader_timeout_seconds:
+            raise ValueError(
+                "CQRS_RELAY_POLL_SECONDS must be at most a third of CQRS_LEADER_TIMEOUT_SECONDS: "
+                "a leader that polls less often would lose its lock while healthy"
+            )
+        return self
 
 
 class QueryServiceSettings(CommonSettings):

@@ -14,6 +14,7 @@ the relay publishes them later, from another task, and the projector continues t
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,6 +34,9 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 TRACE_HEADERS = (TRACEPARENT, TRACESTATE)
+
+# W3C trace context, version 00: what may travel as a `traceparent` header or be stored.
+_TRACEPARENT_FORMAT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 SpanKind = Literal["consumer", "producer", "internal"]
 AttributeValue = str | int | float | bool
@@ -110,6 +114,11 @@ def inject(headers: MutableMapping[str, Any]) -> None:
     if _state.propagator is None:
         return
     _state.propagator.inject(headers)
+
+
+def is_traceparent(value: object) -> bool:
+    """Whether `value` has the W3C `traceparent` format (and so fits a message header)."""
+    return isinstance(value, str) and _TRACEPARENT_FORMAT.match(value) is not None
 
 
 def current_traceparent() -> str | None:

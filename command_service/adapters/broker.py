@@ -17,6 +17,7 @@ from aio_pika.abc import (
 from shared import topology, tracing
 from shared.amqp import copy_message
 from shared.messages import EventEnvelope, Reply
+from shared.text import is_identifier
 
 SINGLE_ACTIVE: dict[str, FieldValue] = {"x-single-active-consumer": True}
 
@@ -81,14 +82,19 @@ async def declare_dead_letter_exchange(channel: AbstractChannel) -> AbstractExch
 
 
 def event_message(envelope: EventEnvelope) -> aio_pika.Message:
+    """The message of one event. Properties and headers carry only values that surely fit them
+    (an id, numbers, names of a fixed pattern); a correlation id or trace context stored by an
+    older version that would not fit travels in the body only, so no content can make a
+    publish fail."""
     headers: dict[str, FieldValue] = {
         topology.AGGREGATE_ID_HEADER: str(envelope.aggregate_id),
         "version": envelope.version,
         "position": envelope.position,
     }
     traceparent = envelope.metadata.traceparent
-    if traceparent is not None:
+    if traceparent is not None and tracing.is_traceparent(traceparent):
         headers[tracing.TRACEPARENT] = traceparent
+    correlation_id = envelope.metadata.correlation_id
     return aio_pika.Message(
         # Without a trace the body is what it was before the field existed, so that consumers
         # which do not know `traceparent` yet keep reading events stored with tracing off.
@@ -98,7 +104,7 @@ def event_message(envelope: EventEnvelope) -> aio_pika.Message:
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=str(envelope.event_id),
-        correlation_id=envelope.metadata.correlation_id,
+        correlation_id=correlation_id if is_identifier(correlation_id) else None,
         type=envelope.type,
         headers=headers,
     )

@@ -17,6 +17,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
+from shared import tracing
 from shared.messages import Event, EventEnvelope, EventMetadata, Reply
 
 # A connection of its own or one lent by the pool.
@@ -82,6 +83,8 @@ class StoredEvent:
     recorded_at: datetime
 
     def to_envelope(self) -> EventEnvelope:
+        """The envelope to publish. Metadata is taken as it can be: an older version may have
+        stored values today's rules refuse, and an event is never held back for its metadata."""
         return EventEnvelope(
             event_id=self.event_id,
             type=self.type,
@@ -91,10 +94,21 @@ class StoredEvent:
             position=self.position,
             recorded_at=self.recorded_at,
             data=self.data,
-            metadata=EventMetadata.model_validate(
-                {**self.metadata, "schema_version": self.schema_version}
+            metadata=EventMetadata(
+                correlation_id=_text_or_none(self.metadata.get("correlation_id")),
+                causation_id=_text_or_none(self.metadata.get("causation_id")),
+                schema_version=self.schema_version,
+                traceparent=(
+                    traceparent
+                    if tracing.is_traceparent(traceparent := self.metadata.get("traceparent"))
+                    else None
+                ),
             ),
         )
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 @dataclass(frozen=True)

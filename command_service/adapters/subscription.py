@@ -1,11 +1,17 @@
 """Subscriptions to the event store: read every event in global position order, once per group.
 
 One replica runs a subscription at a time (a PostgreSQL advisory lock, keyed by the
-subscription's name, held on the subscription's own connection); the others stand by and take
-over when that connection, and so the lock, goes away. The checkpoint is stored only after the
-handler returned for a batch, so a crash repeats work rather than skips it: handlers must be
-idempotent. Positions are assigned in commit order (see the event store), so reading
-"position > checkpoint" never skips an event that committed late.
+subscription's name, held on the subscription's own connection, see `leadership`); the others
+stand by and take over when that connection, and so the lock, goes away, also after a silent
+network cut. The checkpoint is stored only after the handler returned for a batch, so a crash
+repeats work rather than skips it: handlers must be idempotent. Positions are assigned in commit
+order (see the event store), so reading "position > checkpoint" never skips an event that
+committed late.
+
+`run` raises whatever interrupts it; the service's supervisor logs it, counts it and runs it again
+with backoff. A batch the handler cannot take (an error that is not an outage) is never skipped:
+it is tried again after each backoff, and the failure (`handler_failed`, with the batch's
+positions in the log) shows in readiness until it goes through.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika
 import aiormq
-import asyncpg
 import structlog
 
 from command_service.adapters.event_store import (
@@ -27,6 +32,8 @@ from command_service.adapters.event_store import (
     init_connection,
     read_all,
 )
+from command_service.adapters.leadership import connect_leader, while_alive
+from shared.supervision import Failure, mark_healthy
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +58,8 @@ RECOVERABLE_ERRORS: tuple[type[BaseException], ...] = (
     EventStoreUnavailableError,
     RetryLaterError,
 )
+# Raised by a handler as they are: outages, and failures that name their reason already.
+PASSED_ON: tuple[type[BaseException], ...] = (*RECOVERABLE_ERRORS, Failure)
 
 
 class Subscription:
@@ -64,30 +73,26 @@ class Subscription:
         handler: BatchHandler,
         batch_size: int,
         poll_seconds: float,
+        leader_timeout: float = 15.0,
     ) -> None:
         self.name = name
         self._dsn = dsn
         self._handler = handler
         self._batch_size = batch_size
         self._poll_seconds = poll_seconds
+        self._leader_timeout = leader_timeout
         self.leading = False
         self.position = 0
 
     async def run(self) -> None:
-        """Run until cancelled, waiting out database and broker outages."""
-        backoff = self._poll_seconds
-        while True:
-            try:
-                await self._lead()
-            except RECOVERABLE_ERRORS as e:
-                log.warning("subscription_interrupted", subscription=self.name, error=repr(e))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-            finally:
-                self.leading = False
+        """Stand by for the lock, then lead until cancelled or interrupted (it raises then)."""
+        try:
+            await self._lead()
+        finally:
+            self.leading = False
 
     async def _lead(self) -> None:
-        connection = await asyncpg.connect(self._dsn)
+        connection = await connect_leader(self._dsn, self._leader_timeout, name=f"cqrs-{self.name}")
         try:
             await init_connection(connection)
             lock_key = await connection.fetchval("SELECT hashtext($1)", f"cqrs.sub.{self.name}")
@@ -107,7 +112,9 @@ class Subscription:
                 wake.clear()
                 events = await read_all(connection, self.position, self._batch_size)
                 if events:
-                    await self._handler(events)
+                    await while_alive(
+                        connection, self._handle(events), every=self._leader_timeout / 3
+                    )
                     self.position = events[-1].position
                     await connection.execute(
                         """INSERT INTO checkpoints (name, position) VALUES ($1, $2)
@@ -115,9 +122,23 @@ class Subscription:
                         self.name,
                         self.position,
                     )
+                mark_healthy()  # a whole round went through
                 if len(events) < self._batch_size:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), self._poll_seconds)
         finally:
             with contextlib.suppress(*RECOVERABLE_ERRORS):
                 await connection.close(timeout=2)
+
+    async def _handle(self, events: list[StoredEvent]) -> None:
+        first, last = events[0].position, events[-1].position
+        try:
+            await self._handler(events)
+        except PASSED_ON:
+            raise
+        except Exception as e:
+            raise Failure(
+                "handler_failed",
+                f"subscription {self.name} could not handle the events at positions "
+                f"{first}..{last}; they are tried again, never skipped",
+            ) from e

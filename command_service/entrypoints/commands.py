@@ -2,12 +2,24 @@
 
 Acknowledgement policy:
 - bad input (oversized body, wrong content type, malformed JSON, unknown type, schema
-  violation) → a copy goes to the dead-letter exchange with the reason in `x-cqrs-reason`, a
-  rejection is replied when the sender asked for replies, and the original is acked;
+  violation, a string that may not travel, an `aggregate_id` header that is not the envelope's)
+  → a copy goes to the dead-letter exchange with the reason in `x-cqrs-reason`, a rejection is
+  replied when the sender asked for replies, and the original is acked;
 - a domain rule violation → a normal `rejected` reply, stored for idempotency, acked;
 - the event store unreachable → retried with backoff, in place (so the partition keeps its
   order), then nacked with requeue; never acked early;
+- anything else the handling raises → the command is dead-lettered with `internal_error` (the
+  traceback goes to the log), replied, acked, and the partition goes on: no single message can
+  stop it;
 - otherwise → acked only after the events and the reply committed.
+
+Replies go only to reply queues: server-named ones (`amq.gen-*`), direct reply-to
+(`amq.rabbitmq.reply-to`) and the configured prefix (the SDK's `cqrs.reply.`); a command naming
+any other `reply_to` is handled without a reply, since replies are published with the command
+service's rights and must not land in queues the client could not write to.
+
+Each partition loop runs under the service's supervisor: if the loop itself fails (not one
+message: those are contained above), it is logged, counted and restarted with backoff.
 """
 
 from __future__ import annotations
@@ -35,21 +47,40 @@ from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry, UnknownCommandError
 from shared import tracing
 from shared.messages import CommandEnvelope, Reply, ReplyError
+from shared.supervision import Supervisor, mark_healthy
+from shared.topology import AGGREGATE_ID_HEADER, REPLY_QUEUE_PREFIX
 
 log = structlog.get_logger(__name__)
 
 NIL_UUID = UUID(int=0)
 JSON_CONTENT_TYPES = {None, "", "application/json"}
+# Server-named queues and direct reply-to: what the broker itself names for a client.
+BROKER_REPLY_QUEUE_PREFIXES = ("amq.gen-", "amq.rabbitmq.reply-to")
+INTERNAL_ERROR_REPLY = (
+    "the command could not be processed; it was set aside (dead-lettered) for an operator"
+)
 
 
 class BadCommandError(Exception):
-    """A message that can never be processed; it goes to the dead letters."""
+    """A message that can never be processed; it goes to the dead letters.
 
-    def __init__(self, code: str, message: str, envelope: CommandEnvelope | None = None) -> None:
+    `message` is the reason recorded with the dead letter; `reply` what the sender is told,
+    when that must say less (an internal error's details are for the operator).
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        envelope: CommandEnvelope | None = None,
+        *,
+        reply: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.envelope = envelope
+        self.reply = reply if reply is not None else message
 
 
 def _describe(error: ValidationError) -> str:
@@ -82,6 +113,8 @@ class CommandConsumer:
         max_message_bytes: int,
         transient_retry_seconds: float = 30.0,
         metrics: CommandMetrics | None = None,
+        supervisor: Supervisor | None = None,
+        reply_queue_prefix: str = REPLY_QUEUE_PREFIX,
     ) -> None:
         self._metrics = metrics if metrics is not None else CommandMetrics(registry.command_types)
         self._connection = connection
@@ -92,14 +125,16 @@ class CommandConsumer:
         self._dead_letters = dead_letters
         self._max_message_bytes = max_message_bytes
         self._transient_retry_seconds = transient_retry_seconds
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self._reply_prefixes = (*BROKER_REPLY_QUEUE_PREFIXES, reply_queue_prefix)
         self._partitions: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self.handled = 0
 
     def start_partition(self, name: str) -> None:
-        """Consume one partition queue, one message at a time."""
+        """Consume one partition queue, one message at a time, under the supervisor."""
         stop = asyncio.Event()
-        task = asyncio.create_task(self._consume(name, stop), name=name)
-        self._partitions[name] = (stop, task)
+        supervised = self._supervisor.spawn(name, lambda: self._consume(name, stop))
+        self._partitions[name] = (stop, supervised.task)
 
     async def stop_partition(self, name: str, timeout: float = 10.0) -> None:
         """Stop consuming a partition after the message in hand is finished.
@@ -117,6 +152,7 @@ class CommandConsumer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._supervisor.forget(name)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop every partition."""
@@ -177,6 +213,7 @@ class CommandConsumer:
                 except StopAsyncIteration:
                     return  # the consumer was cancelled by the broker: consume again
                 await self.process(message)
+                mark_healthy()
 
     async def process(self, message: AbstractIncomingMessage) -> None:
         """Handle one delivery to its end: acked, dead-lettered or requeued."""
@@ -218,6 +255,18 @@ class CommandConsumer:
                 envelope.type if envelope else None, "requeued", time.perf_counter() - started
             )
             return
+        except Exception as e:  # one message must not stop the partition
+            log.error("command_failed", exc_info=e)
+            span.set("cqrs.outcome", "failed")
+            span.set("cqrs.error_code", "internal_error")
+            failure = BadCommandError(
+                "internal_error", f"{type(e).__name__}: {e}", envelope, reply=INTERNAL_ERROR_REPLY
+            )
+            await self._dead_letter(message, failure)
+            self._metrics.settled(
+                envelope.type if envelope else None, "failed", time.perf_counter() - started
+            )
+            return
         span.set("cqrs.outcome", reply.status)
         span.set("cqrs.error_code", reply.error.code if reply.error else None)
         span.set("cqrs.version", reply.version)
@@ -247,7 +296,18 @@ class CommandConsumer:
         try:
             envelope = CommandEnvelope.model_validate_json(message.body)
         except ValidationError as e:
-            raise BadCommandError("invalid_envelope", _describe(e)) from e
+            in_payload = all(error["loc"][:1] == ("payload",) for error in e.errors())
+            code = "invalid_payload" if in_payload else "invalid_envelope"
+            raise BadCommandError(code, _describe(e)) from e
+        header = (message.headers or {}).get(AGGREGATE_ID_HEADER)
+        # The partition was chosen by the header: one that lies would break the aggregate's order.
+        if header is not None and header != str(envelope.aggregate_id):
+            raise BadCommandError(
+                "aggregate_id_mismatch",
+                f"header {AGGREGATE_ID_HEADER} is not the envelope's aggregate_id "
+                f"{envelope.aggregate_id} (lower-case UUID form)",
+                envelope,
+            )
         try:
             self._registry.parse(envelope)
         except UnknownCommandError as e:
@@ -282,16 +342,22 @@ class CommandConsumer:
             command_id=command_id,
             status="rejected",
             aggregate_id=error.envelope.aggregate_id if error.envelope else None,
-            error=ReplyError(code=error.code, message=error.message),
+            error=ReplyError(code=error.code, message=error.reply),
         )
         await self._reply(message, reply)
         await message.ack()
 
     async def _reply(self, message: AbstractIncomingMessage, reply: Reply) -> None:
-        if message.reply_to:
-            await self._replies.publish(
-                reply_message(reply, message.correlation_id), routing_key=message.reply_to
-            )
+        reply_to = message.reply_to
+        if not reply_to:
+            return
+        if not reply_to.startswith(self._reply_prefixes):
+            log.warning("reply_refused", reply_to=reply_to[:100], allowed=self._reply_prefixes)
+            self._metrics.replies_refused.inc()
+            return
+        await self._replies.publish(
+            reply_message(reply, message.correlation_id), routing_key=reply_to
+        )
 
 
 def _bind_envelope(envelope: CommandEnvelope) -> None:

@@ -31,6 +31,7 @@ from command_service.adapters.relay import RELAY_SUBSCRIPTION
 from command_service.adapters.subscription import Subscription
 from command_service.entrypoints.commands import CommandConsumer
 from command_service.metrics import CommandMetrics
+from shared.supervision import Supervisor, mark_healthy
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +64,7 @@ class Vitals:
     relay: Subscription
     metrics: CommandMetrics
     replica: str
+    supervisor: Supervisor
 
 
 class Readiness(BaseModel):
@@ -85,6 +87,8 @@ class Status(BaseModel):
     partitions_owned: list[int]
     relay: RelayStatus
     handled: int
+    tasks: list[str]
+    failing_tasks: list[dict[str, Any]]
 
 
 router = APIRouter()
@@ -145,6 +149,7 @@ async def readyz(request: Request) -> JSONResponse:
     checks["partitions"] = {"ok": leases.connected, "owned": sorted(leases.owned)}
     if not leases.connected:
         checks["partitions"]["error"] = "the partition leases are not held (no lease connection)"
+    checks["tasks"] = vitals.supervisor.readiness()
     ready = all(check["ok"] for check in checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks)
     return JSONResponse(status_code=200 if ready else 503, content=body.model_dump(mode="json"))
@@ -160,6 +165,8 @@ async def status(request: Request) -> Status:
         partitions_owned=sorted(vitals.leases.owned),
         relay=await relay_status(vitals),
         handled=vitals.consumer.handled,
+        tasks=vitals.supervisor.running(),
+        failing_tasks=vitals.supervisor.readiness()["failing"],
     )
 
 
@@ -189,44 +196,58 @@ class _Server(uvicorn.Server):
         yield
 
 
+HTTP_TASK = "http-endpoint"
+
+
 @dataclass
 class HttpEndpoint:
-    """The running HTTP server; `port` is the port actually bound."""
+    """The running HTTP server, supervised: a server that fails is replaced by a new one on the
+    same socket. `port` is the port actually bound."""
 
-    server: uvicorn.Server
-    task: asyncio.Task[None]
+    app: FastAPI
     listener: socket.socket
     host: str
     port: int
+    supervisor: Supervisor
+    server: uvicorn.Server | None = None
+    task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        self.server = server = _Server(
+            uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off")
+        )
+        serving = asyncio.ensure_future(server.serve(sockets=[self.listener]))
+        try:
+            while not (server.started or serving.done()):
+                await asyncio.sleep(0.05)
+            if server.started:
+                mark_healthy()
+            await serving
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
 
     async def stop(self, timeout: float = 5.0) -> None:
-        self.server.should_exit = True
-        done, _ = await asyncio.wait({self.task}, timeout=timeout)
-        if not done:
-            self.server.force_exit = True
-            self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        if self.server is not None:
+            self.server.should_exit = True
+        await self.supervisor.stop(HTTP_TASK, timeout=timeout)
         self.listener.close()
 
 
-async def serve(app: FastAPI, host: str, port: int) -> HttpEndpoint:
+async def serve(
+    app: FastAPI, host: str, port: int, *, supervisor: Supervisor | None = None
+) -> HttpEndpoint:
     """Bind `host`:`port` (0: any free port) and serve `app` on it from this event loop."""
     loop = asyncio.get_running_loop()
     family = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0][0]
     listener = socket.create_server((host, port), family=family)
     bound = int(listener.getsockname()[1])
-    server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
-    endpoint = HttpEndpoint(
-        server,
-        asyncio.create_task(server.serve(sockets=[listener]), name="http-endpoint"),
-        listener,
-        host,
-        bound,
-    )
+    supervisor = supervisor if supervisor is not None else Supervisor()
+    endpoint = HttpEndpoint(app, listener, host, bound, supervisor)
+    endpoint.task = supervisor.spawn(HTTP_TASK, endpoint.run, restart_on_return=True).task
     try:
         async with asyncio.timeout(10):
-            while not server.started:
+            while endpoint.server is None or not endpoint.server.started:
                 if endpoint.task.done():
                     endpoint.task.result()  # raises what stopped it
                     raise RuntimeError("the HTTP endpoint stopped while starting")

@@ -26,6 +26,7 @@ from command_service.adapters.event_store import (
 )
 from shared import topology
 from shared.messages import ReplayProgress, ReplayRequest
+from shared.supervision import Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +34,17 @@ log = structlog.get_logger(__name__)
 class ReplayServer:
     """Consumes replay requests one at a time and streams the events they ask for."""
 
-    def __init__(self, *, pool: asyncpg.Pool, exchange: AbstractExchange, batch_size: int) -> None:
+    name = "replay-server"
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        exchange: AbstractExchange,
+        batch_size: int,
+        supervisor: Supervisor | None = None,
+    ) -> None:
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
         self._pool = pool
         self._exchange = exchange  # the default exchange, on a channel with publisher confirms
         self._batch_size = batch_size
@@ -45,13 +56,15 @@ class ReplayServer:
             log.warning("replay_request_rejected", error=str(e))
             await message.reject(requeue=False)
             return
-        try:
-            await self.stream(request)
-        except Exception:
-            log.exception("replay_interrupted", request_id=str(request.request_id))
-            await message.nack(requeue=True)
-            await asyncio.sleep(1)  # do not spin on a request that keeps failing
-            return
+        with structlog.contextvars.bound_contextvars(request_id=str(request.request_id)):
+            try:
+                await self.stream(request)
+            except Exception as e:  # noqa: BLE001 - logged and counted by the supervisor
+                self._supervisor.outcome(self.name, e)
+                await message.nack(requeue=True)
+                await asyncio.sleep(1)  # do not spin on a request that keeps failing
+                return
+        self._supervisor.outcome(self.name, None)
         await message.ack()
 
     async def stream(self, request: ReplayRequest) -> ReplayProgress:

@@ -140,6 +140,7 @@ async def test_readiness_follows_the_database(
                 "postgres",
                 "broker",
                 "partitions",
+                "tasks",
             }
 
             await postgres_proxy.cut()
