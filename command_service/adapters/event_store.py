@@ -42,6 +42,18 @@ class DuplicateCommandError(EventStoreError):
         self.reply = reply
 
 
+class WrongAggregateTypeError(EventStoreError):
+    """The stream holds another aggregate type's history (`streams`, invariant 10)."""
+
+    def __init__(self, stream_id: UUID, aggregate_type: str, recorded_type: str | None) -> None:
+        super().__init__(
+            f"stream {stream_id} is of type {recorded_type or 'unknown'}, not {aggregate_type}"
+        )
+        self.stream_id = stream_id
+        self.aggregate_type = aggregate_type
+        self.recorded_type = recorded_type
+
+
 class EventStoreUnavailableError(EventStoreError):
     """The database cannot be reached now; the operation may succeed when retried."""
 
@@ -134,8 +146,10 @@ class EventStore(Protocol):
     ) -> Reply:
         """Append events after `expected_version` and record the command; return its reply.
 
-        Raises `ConcurrencyError` when the stream moved on, `DuplicateCommandError` when the
-        command was recorded already.
+        A stream's first append records `aggregate_type` as the stream's type; an append of
+        another type raises `WrongAggregateTypeError` and appends nothing. Raises
+        `ConcurrencyError` when the stream moved on, `DuplicateCommandError` when the command
+        was recorded already.
         """
         ...
 
@@ -195,6 +209,14 @@ _COLUMNS = (
     "position, event_id, stream_id, aggregate_type, version, type, schema_version, "
     "data, metadata, recorded_at"
 )
+
+
+async def _recorded_type(connection: Connection, stream_id: UUID) -> str | None:
+    """The aggregate type a stream was recorded with (None: no such stream)."""
+    found = await connection.fetchval(
+        "SELECT aggregate_type FROM streams WHERE stream_id = $1", stream_id
+    )
+    return None if found is None else str(found)
 
 
 def _stored(row: asyncpg.Record) -> StoredEvent:
@@ -287,9 +309,19 @@ class PostgresEventStore:
                     reply = await self.find_reply(command_id)
                     assert reply is not None  # the conflicting row committed
                     raise DuplicateCommandError(reply) from e
+                if e.constraint_name == "streams_pkey":
+                    # Another first append of this stream committed while this one waited.
+                    recorded = await _recorded_type(connection, stream_id)
+                    if recorded != aggregate_type:
+                        raise WrongAggregateTypeError(stream_id, aggregate_type, recorded) from e
                 raise ConcurrencyError(
                     f"stream {stream_id} moved past version {expected_version}"
                 ) from e
+            except asyncpg.ForeignKeyViolationError as e:
+                if e.constraint_name != "events_stream_type_fkey":
+                    raise
+                recorded = await _recorded_type(connection, stream_id)
+                raise WrongAggregateTypeError(stream_id, aggregate_type, recorded) from e
 
     @staticmethod
     async def _append(
@@ -308,6 +340,14 @@ class PostgresEventStore:
         if current != expected_version:
             raise ConcurrencyError(
                 f"stream {stream_id} is at version {current}, not {expected_version}"
+            )
+        if expected_version == 0:
+            # The stream's first events: record its type (the events' foreign key needs it).
+            # Before the position lock, so a racing first append waits here holding nothing.
+            await connection.execute(
+                "INSERT INTO streams (stream_id, aggregate_type) VALUES ($1, $2)",
+                stream_id,
+                aggregate_type,
             )
         # The row lock on event_position is held until commit: positions follow commit order.
         last = await connection.fetchval(

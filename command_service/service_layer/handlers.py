@@ -11,6 +11,7 @@ from command_service.adapters.event_store import (
     DuplicateCommandError,
     EventStore,
     NewEvent,
+    WrongAggregateTypeError,
 )
 from command_service.domain.aggregate import DomainError
 from command_service.service_layer.registry import CommandRegistry
@@ -43,7 +44,9 @@ async def handle_command(
     """Decide the command against the aggregate's current state and store the outcome.
 
     A command id seen before gets its stored reply with status `duplicate` and appends nothing.
-    A lost race is retried against fresh state unless the command named `expected_version`.
+    A command whose aggregate id names a stream of another aggregate type is rejected with
+    `wrong_aggregate_type`. A lost race is retried against fresh state unless the command named
+    `expected_version`.
     Raises `UnknownCommandError` or `pydantic.ValidationError` for a command it cannot parse.
     """
     command, aggregate_class = registry.parse(envelope, internal=internal)
@@ -52,7 +55,10 @@ async def handle_command(
         return _as_duplicate(stored)
     repository = AggregateRepository(store, registry, snapshot_every)
     for attempt in range(concurrency_retries + 1):
-        aggregate = await repository.load(aggregate_class, envelope.aggregate_id)
+        try:
+            aggregate = await repository.load(aggregate_class, envelope.aggregate_id)
+        except WrongAggregateTypeError as e:
+            return await _reject(envelope, store, "wrong_aggregate_type", str(e))
         if envelope.expected_version is not None and envelope.expected_version != aggregate.version:
             return await _reject(
                 envelope,
@@ -81,6 +87,9 @@ async def handle_command(
             return reply
         except DuplicateCommandError as e:
             return _as_duplicate(e.reply)
+        except WrongAggregateTypeError as e:
+            # The store's own refusal: a first append of another type won the race.
+            return await _reject(envelope, store, "wrong_aggregate_type", str(e))
         except ConcurrencyError:
             log.info("append_conflict", attempt=attempt, aggregate_id=str(envelope.aggregate_id))
             if envelope.expected_version is not None:

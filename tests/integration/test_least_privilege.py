@@ -35,6 +35,8 @@ async def service_dsn(pool: asyncpg.Pool, pg_dsn: str) -> AsyncIterator[str]:
         "UPDATE events SET data = '{}'",
         "TRUNCATE commands",
         "DELETE FROM commands",
+        "UPDATE streams SET aggregate_type = 'transfer'",
+        "DELETE FROM streams",
         "ALTER TABLE events ADD COLUMN x int",
         "CREATE TABLE intruder (id int)",
     ],

@@ -12,15 +12,21 @@ from command_service.adapters.event_store import (
     NewEvent,
     Snapshot,
     StoredEvent,
+    WrongAggregateTypeError,
 )
 from shared.messages import Reply
 
 
 class FakeEventStore:
-    """Keeps streams and command replies in dicts; can simulate a writer that races ahead."""
+    """Keeps streams and command replies in dicts; can simulate a writer that races ahead.
+
+    Like the PostgreSQL store, a stream's first append records its aggregate type
+    (`stream_types`) and an append of another type is refused.
+    """
 
     def __init__(self) -> None:
         self.events: list[StoredEvent] = []
+        self.stream_types: dict[UUID, str] = {}
         self.replies: dict[UUID, Reply] = {}
         self.conflicts_to_inject = 0
         self.snapshots: dict[UUID, Snapshot] = {}
@@ -58,6 +64,9 @@ class FakeEventStore:
         current = len(await self.load_stream(stream_id))
         if current != expected_version:
             raise ConcurrencyError(f"at {current}")
+        recorded = self.stream_types.setdefault(stream_id, aggregate_type)
+        if recorded != aggregate_type:
+            raise WrongAggregateTypeError(stream_id, aggregate_type, recorded)
         for i, event in enumerate(events):
             self.events.append(
                 StoredEvent(
