@@ -17,6 +17,7 @@ from command_service.adapters.event_store import (
     PostgresEventStore,
     WrongAggregateTypeError,
     create_pool,
+    init_connection,
     read_all,
 )
 from command_service.adapters.migrations import available_migrations, migrate
@@ -315,5 +316,70 @@ async def test_existing_streams_take_their_first_events_type(
             )
         reply = await append(store, hijacked, 2)
         assert (reply.version, reply.position) == (3, 6)
+    finally:
+        await pool.close()
+
+
+async def test_clients_and_process_managers_have_command_logs_of_their_own(
+    store: PostgresEventStore,
+) -> None:
+    command_id = uuid.uuid4()
+
+    async def append_as(stream: uuid.UUID, *, internal: bool) -> Reply:
+        return await store.append(
+            stream_id=stream,
+            aggregate_type="account",
+            expected_version=0,
+            events=[deposit()],
+            command_id=command_id,
+            correlation_id=None,
+            internal=internal,
+        )
+
+    by_client = await append_as(uuid.uuid4(), internal=False)
+    assert await store.find_reply(command_id, internal=True) is None
+    by_step = await append_as(uuid.uuid4(), internal=True)
+    assert await store.find_reply(command_id) == by_client
+    assert await store.find_reply(command_id, internal=True) == by_step
+    with pytest.raises(DuplicateCommandError) as raised:
+        await append_as(uuid.uuid4(), internal=True)
+    assert raised.value.reply == by_step
+    rejected_id = uuid.uuid4()
+    rejection = Reply(
+        command_id=rejected_id, status="rejected", error=ReplyError(code="a", message="client")
+    )
+    assert await store.record_rejection(rejection) == rejection
+    assert await store.find_reply(rejected_id, internal=True) is None
+
+
+async def test_records_from_before_the_key_spaces_answer_clients_and_steps(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The older code kept one command log; what it recorded may be a step of a transfer in
+    flight across the upgrade, or a client's command that its client may resend."""
+    older = [m for m in available_migrations() if m.version < 5]
+    monkeypatch.setattr(migrations, "available_migrations", lambda: older)
+    old = Reply(command_id=uuid.uuid4(), status="accepted", version=1, position=1)
+    connection = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(connection)
+        await init_connection(connection)
+        old_statement = "INSERT INTO commands (command_id, aggregate_id, reply) VALUES ($1, $2, $3)"
+        await connection.execute(old_statement, old.command_id, None, old.model_dump(mode="json"))
+        monkeypatch.undo()
+        await migrate(connection)
+        # An older replica still running during a rolling update writes the same way.
+        during = old.model_copy(update={"command_id": uuid.uuid4()})
+        await connection.execute(
+            old_statement, during.command_id, None, during.model_dump(mode="json")
+        )
+    finally:
+        await connection.close()
+    pool = await create_pool(pg_dsn, 2)
+    try:
+        store = PostgresEventStore(pool)
+        for reply in (old, during):
+            assert await store.find_reply(reply.command_id) == reply
+            assert await store.find_reply(reply.command_id, internal=True) == reply
     finally:
         await pool.close()

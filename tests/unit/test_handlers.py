@@ -12,14 +12,26 @@ from command_service.bootstrap import build_registry
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.registry import UnknownCommandError
 from shared.client import envelope_for
-from shared.ledger import DepositMoney, OpenAccount, RequestTransfer, WithdrawMoney
+from shared.ledger import (
+    DebitForTransfer,
+    DepositMoney,
+    OpenAccount,
+    RequestTransfer,
+    WithdrawMoney,
+)
 from shared.messages import CommandEnvelope, Reply
 from tests.unit.fakes import FakeEventStore
 
 
-async def run(store: FakeEventStore, envelope: CommandEnvelope, retries: int = 3) -> Reply:
+async def run(
+    store: FakeEventStore, envelope: CommandEnvelope, retries: int = 3, *, internal: bool = False
+) -> Reply:
     return await handle_command(
-        envelope, store=store, registry=build_registry(), concurrency_retries=retries
+        envelope,
+        store=store,
+        registry=build_registry(),
+        concurrency_retries=retries,
+        internal=internal,
     )
 
 
@@ -161,3 +173,25 @@ async def test_the_stores_refusal_of_another_type_is_a_rejection(store: FakeEven
     reply = await run(store, envelope_for(OpenAccount(owner_id="o", currency="EUR"), account))
     assert reply.error is not None and reply.error.code == "wrong_aggregate_type"
     assert store.events == []
+
+
+async def test_a_client_command_under_a_steps_id_does_not_answer_the_step(
+    store: FakeEventStore,
+) -> None:
+    account = await open_account(store, balance=50)
+    step = uuid.uuid4()
+    claim = envelope_for(DepositMoney(amount=1), account, command_id=step)
+    claimed = await run(store, claim)
+    debit = envelope_for(
+        DebitForTransfer(transfer_id=uuid.uuid4(), amount=10, to_account_id=uuid.uuid4()),
+        account,
+        command_id=step,
+    )
+    decided = await run(store, debit, internal=True)
+    assert (decided.status, decided.version) == ("accepted", 4)
+    # Each key space answers its own resends.
+    again = await run(store, debit, internal=True)
+    assert (again.status, again.version) == ("duplicate", 4)
+    resent = await run(store, claim)
+    assert (resent.status, resent.version) == ("duplicate", claimed.version)
+    assert [e.type for e in store.events[-2:]] == ["MoneyDeposited", "MoneyDebitedForTransfer"]
