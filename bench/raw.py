@@ -104,12 +104,9 @@ _INSERT_EVENTS = """INSERT INTO events (position, event_id, stream_id, aggregate
                                        type, schema_version, data, metadata)
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"""
 _INSERT_COMMAND = "INSERT INTO commands (command_id, aggregate_id, reply) VALUES ($1, $2, $3)"
-# A stream's first append records its type, as the event store does (the events' foreign key).
-_INSERT_STREAM = "INSERT INTO streams (stream_id, aggregate_type) VALUES ($1, 'account')"
 # The same writes in one round trip, the counter row locked for one statement only.
 _ONE_STATEMENT = """
-WITH st AS (INSERT INTO streams (stream_id, aggregate_type) SELECT $1, 'account' WHERE $3 = 0),
-     pos AS (UPDATE event_position SET last = last + cardinality($2::uuid[]) RETURNING last),
+WITH pos AS (UPDATE event_position SET last = last + cardinality($2::uuid[]) RETURNING last),
      ev AS (
        INSERT INTO events (position, event_id, stream_id, aggregate_type, version, type,
                            schema_version, data, metadata)
@@ -170,8 +167,6 @@ async def raw_append(
                         reply,
                     )
                 else:
-                    if version == 0:
-                        await connection.execute(_INSERT_STREAM, stream)
                     last = await connection.fetchval(
                         "UPDATE event_position SET last = last + $1 RETURNING last", count
                     )

@@ -397,15 +397,9 @@ class PostgresEventStore:
             raise ConcurrencyError(
                 f"stream {stream_id} is at version {current}, not {expected_version}"
             )
-        if expected_version == 0:
-            # The stream's first events: record its type (the events' foreign key needs it).
-            # Before the position lock, so a racing first append waits here holding nothing.
-            await connection.execute(
-                "INSERT INTO streams (stream_id, aggregate_type) VALUES ($1, $2)",
-                stream_id,
-                aggregate_type,
-            )
         # The row lock on event_position is held until commit: positions follow commit order.
+        # A stream's first event records the stream's type (a trigger, migration 0004); the
+        # events' foreign key on (stream_id, aggregate_type) refuses any other type.
         last = await connection.fetchval(
             "UPDATE event_position SET last = last + $1 RETURNING last", len(events)
         )

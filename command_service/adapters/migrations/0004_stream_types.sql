@@ -1,4 +1,4 @@
--- A stream has one aggregate type (invariant 10): a stream's first append records its type
+-- A stream has one aggregate type (invariant 10): a stream's first event records its type
 -- here, and every event must name the type its stream was recorded with. Without it a command
 -- whose aggregate id is another aggregate's could write into that aggregate's history.
 --
@@ -11,6 +11,18 @@ CREATE TABLE streams (
     recorded_at timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT streams_stream_type_key UNIQUE (stream_id, aggregate_type)
 );
+
+-- A stream's first event (version 1) records the stream: one more statement for that event
+-- only. In the database rather than in the store's code, so that a replica still running the
+-- older code during a rolling update keeps opening new streams.
+CREATE FUNCTION record_stream() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO streams (stream_id, aggregate_type) VALUES (NEW.stream_id, NEW.aggregate_type);
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER events_record_stream BEFORE INSERT ON events
+    FOR EACH ROW WHEN (NEW.version = 1) EXECUTE FUNCTION record_stream();
 
 -- Existing streams take the type of their first event.
 INSERT INTO streams (stream_id, aggregate_type, recorded_at)
@@ -48,8 +60,8 @@ $$;
 DO $$
 BEGIN
     IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'cqrs_service') THEN
-        -- INSERT for a stream's first append, SELECT to name the type in a refusal; never
-        -- UPDATE or DELETE: a stream's type does not change.
+        -- INSERT for a stream's first event (the trigger runs as the inserting role), SELECT
+        -- to name the type in a refusal; never UPDATE or DELETE: a stream's type does not change.
         GRANT SELECT, INSERT ON streams TO cqrs_service;
     END IF;
 END
