@@ -94,7 +94,7 @@ async def handle_command(
         except DuplicateCommandError as e:
             return _as_duplicate(e.reply)
         except WrongAggregateTypeError as e:
-            # The store's own refusal: a first append of another type won the race.
+            # The store's refusal, e.g. another type's first append won a race since the load.
             return await _reject(envelope, store, "wrong_aggregate_type", str(e), internal)
         except ConcurrencyError:
             log.info("append_conflict", attempt=attempt, aggregate_id=str(envelope.aggregate_id))
