@@ -2,6 +2,10 @@
 
 Events, the command record (with its reply, for idempotency) and the outbox commit in one
 transaction: the `events` table is the outbox, read by the relay in position order.
+
+Commands from clients and the commands process managers issue are recorded in two key spaces
+(`commands`, `internal_commands`): a step's id is computable from the source, and no client
+command may occupy it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,18 @@ class DuplicateCommandError(EventStoreError):
     def __init__(self, reply: Reply) -> None:
         super().__init__(f"command {reply.command_id} was handled already")
         self.reply = reply
+
+
+class WrongAggregateTypeError(EventStoreError):
+    """The stream holds another aggregate type's history (`streams`, invariant 10)."""
+
+    def __init__(self, stream_id: UUID, aggregate_type: str, recorded_type: str | None) -> None:
+        super().__init__(
+            f"stream {stream_id} is of type {recorded_type or 'unknown'}, not {aggregate_type}"
+        )
+        self.stream_id = stream_id
+        self.aggregate_type = aggregate_type
+        self.recorded_type = recorded_type
 
 
 class EventStoreUnavailableError(EventStoreError):
@@ -133,7 +149,10 @@ class EventStore(Protocol):
         """Keep `snapshot` unless a newer one is stored already."""
         ...
 
-    async def find_reply(self, command_id: UUID) -> Reply | None: ...
+    async def find_reply(self, command_id: UUID, *, internal: bool = False) -> Reply | None:
+        """The reply recorded for `command_id` in the clients' key space, or with `internal` in
+        the process managers' one."""
+        ...
 
     async def append(
         self,
@@ -145,15 +164,19 @@ class EventStore(Protocol):
         command_id: UUID,
         correlation_id: str | None,
         traceparent: str | None = None,
+        internal: bool = False,
     ) -> Reply:
-        """Append events after `expected_version` and record the command; return its reply.
+        """Append events after `expected_version` and record the command (in the key space
+        `internal` selects); return its reply.
 
-        Raises `ConcurrencyError` when the stream moved on, `DuplicateCommandError` when the
-        command was recorded already.
+        A stream's first append records `aggregate_type` as the stream's type; an append of
+        another type raises `WrongAggregateTypeError` and appends nothing. Raises
+        `ConcurrencyError` when the stream moved on, `DuplicateCommandError` when the command
+        was recorded already.
         """
         ...
 
-    async def record_rejection(self, reply: Reply) -> Reply:
+    async def record_rejection(self, reply: Reply, *, internal: bool = False) -> Reply:
         """Record a rejected command; return the reply stored first for that command id."""
         ...
 
@@ -211,6 +234,59 @@ _COLUMNS = (
 )
 
 
+async def _recorded_type(connection: Connection, stream_id: UUID) -> str | None:
+    """The aggregate type a stream was recorded with (None: no such stream)."""
+    found = await connection.fetchval(
+        "SELECT aggregate_type FROM streams WHERE stream_id = $1", stream_id
+    )
+    return None if found is None else str(found)
+
+
+@dataclass(frozen=True)
+class _CommandLog:
+    """The statements of one key space of the command log."""
+
+    find: str
+    record: str
+    reject: str
+    key: str  # the constraint a second record of one command id violates
+
+
+_CLIENT_LOG = _CommandLog(
+    find="SELECT reply FROM commands WHERE command_id = $1",
+    record="""INSERT INTO commands (command_id, aggregate_id, reply, client_only)
+              VALUES ($1, $2, $3, true)""",
+    reject="""WITH inserted AS (
+                  INSERT INTO commands (command_id, aggregate_id, reply, client_only)
+                  VALUES ($1, $2, $3, true) ON CONFLICT (command_id) DO NOTHING RETURNING reply)
+              SELECT reply FROM inserted
+              UNION ALL SELECT reply FROM commands WHERE command_id = $1
+              LIMIT 1""",
+    key="commands_pkey",
+)
+_INTERNAL_LOG = _CommandLog(
+    # A record not marked client_only was written before the key spaces existed (or by an
+    # older replica during a rolling update) and may be a step's: it answers steps too.
+    find="""SELECT reply FROM internal_commands WHERE command_id = $1
+            UNION ALL
+            SELECT reply FROM commands WHERE command_id = $1 AND NOT client_only
+            LIMIT 1""",
+    record="""INSERT INTO internal_commands (command_id, aggregate_id, reply)
+              VALUES ($1, $2, $3)""",
+    reject="""WITH inserted AS (
+                  INSERT INTO internal_commands (command_id, aggregate_id, reply)
+                  VALUES ($1, $2, $3) ON CONFLICT (command_id) DO NOTHING RETURNING reply)
+              SELECT reply FROM inserted
+              UNION ALL SELECT reply FROM internal_commands WHERE command_id = $1
+              LIMIT 1""",
+    key="internal_commands_pkey",
+)
+
+
+def _command_log(internal: bool) -> _CommandLog:
+    return _INTERNAL_LOG if internal else _CLIENT_LOG
+
+
 def _stored(row: asyncpg.Record) -> StoredEvent:
     return StoredEvent(**dict(row.items()))
 
@@ -258,11 +334,9 @@ class PostgresEventStore:
                 snapshot.state,
             )
 
-    async def find_reply(self, command_id: UUID) -> Reply | None:
+    async def find_reply(self, command_id: UUID, *, internal: bool = False) -> Reply | None:
         async with translate_driver_errors():
-            stored = await self._pool.fetchval(
-                "SELECT reply FROM commands WHERE command_id = $1", command_id
-            )
+            stored = await self._pool.fetchval(_command_log(internal).find, command_id)
         return None if stored is None else Reply.model_validate(stored)
 
     async def append(
@@ -275,7 +349,9 @@ class PostgresEventStore:
         command_id: UUID,
         correlation_id: str | None,
         traceparent: str | None = None,
+        internal: bool = False,
     ) -> Reply:
+        command_log = _command_log(internal)
         metadata = {"correlation_id": correlation_id, "causation_id": str(command_id)}
         if traceparent is not None:  # events stored without tracing stay as they were
             metadata["traceparent"] = traceparent
@@ -292,18 +368,29 @@ class PostgresEventStore:
                             events,
                             command_id,
                             metadata,
+                            command_log,
                         )
                 finally:
                     if self._append_seconds is not None:
                         self._append_seconds.observe(time.perf_counter() - started)
             except asyncpg.UniqueViolationError as e:
-                if e.constraint_name == "commands_pkey":
-                    reply = await self.find_reply(command_id)
+                if e.constraint_name == command_log.key:
+                    reply = await self.find_reply(command_id, internal=internal)
                     assert reply is not None  # the conflicting row committed
                     raise DuplicateCommandError(reply) from e
+                if e.constraint_name == "streams_pkey":
+                    # Another first append of this stream committed while this one waited.
+                    recorded = await _recorded_type(connection, stream_id)
+                    if recorded != aggregate_type:
+                        raise WrongAggregateTypeError(stream_id, aggregate_type, recorded) from e
                 raise ConcurrencyError(
                     f"stream {stream_id} moved past version {expected_version}"
                 ) from e
+            except asyncpg.ForeignKeyViolationError as e:
+                if e.constraint_name != "events_stream_type_fkey":
+                    raise
+                recorded = await _recorded_type(connection, stream_id)
+                raise WrongAggregateTypeError(stream_id, aggregate_type, recorded) from e
 
     @staticmethod
     async def _append(
@@ -314,6 +401,7 @@ class PostgresEventStore:
         events: Sequence[NewEvent],
         command_id: UUID,
         metadata: dict[str, Any],
+        command_log: _CommandLog,
     ) -> Reply:
         # Fail fast, before taking the position lock, when the stream already moved on.
         current = await connection.fetchval(
@@ -324,6 +412,8 @@ class PostgresEventStore:
                 f"stream {stream_id} is at version {current}, not {expected_version}"
             )
         # The row lock on event_position is held until commit: positions follow commit order.
+        # A stream's first event records the stream's type (a trigger, migration 0004); the
+        # events' foreign key on (stream_id, aggregate_type) refuses any other type.
         last = await connection.fetchval(
             "UPDATE event_position SET last = last + $1 RETURNING last", len(events)
         )
@@ -355,7 +445,7 @@ class PostgresEventStore:
             position=last,
         )
         await connection.execute(
-            "INSERT INTO commands (command_id, aggregate_id, reply) VALUES ($1, $2, $3)",
+            command_log.record,
             command_id,
             stream_id,
             reply.model_dump(mode="json"),
@@ -363,15 +453,10 @@ class PostgresEventStore:
         await connection.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(last))
         return reply
 
-    async def record_rejection(self, reply: Reply) -> Reply:
+    async def record_rejection(self, reply: Reply, *, internal: bool = False) -> Reply:
         async with translate_driver_errors():
             stored = await self._pool.fetchval(
-                """WITH inserted AS (
-                       INSERT INTO commands (command_id, aggregate_id, reply)
-                       VALUES ($1, $2, $3) ON CONFLICT (command_id) DO NOTHING RETURNING reply)
-                   SELECT reply FROM inserted
-                   UNION ALL SELECT reply FROM commands WHERE command_id = $1
-                   LIMIT 1""",
+                _command_log(internal).reject,
                 reply.command_id,
                 reply.aggregate_id,
                 reply.model_dump(mode="json"),

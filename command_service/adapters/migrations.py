@@ -38,10 +38,18 @@ def available_migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
+def _log_warning(connection: Connection, message: asyncpg.PostgresLogMessage, /) -> None:
+    # What a migration says about the data it found (RAISE WARNING) is for the operator's eyes;
+    # plain notices ("already exists, skipping") are not.
+    if getattr(message, "severity_en", None) == "WARNING":
+        log.warning("migration_warning", message=message.message)
+
+
 async def migrate(connection: Connection) -> list[int]:
     """Apply the migrations this database lacks; return the versions applied."""
     applied_now: list[int] = []
     await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    connection.add_log_listener(_log_warning)
     try:
         await connection.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -66,6 +74,7 @@ async def migrate(connection: Connection) -> list[int]:
             applied_now.append(migration.version)
             log.info("migration_applied", version=migration.version, name=migration.name)
     finally:
+        connection.remove_log_listener(_log_warning)
         await connection.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied_now
 

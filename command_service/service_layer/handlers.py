@@ -11,6 +11,7 @@ from command_service.adapters.event_store import (
     DuplicateCommandError,
     EventStore,
     NewEvent,
+    WrongAggregateTypeError,
 )
 from command_service.domain.aggregate import DomainError
 from command_service.service_layer.registry import CommandRegistry
@@ -43,16 +44,23 @@ async def handle_command(
     """Decide the command against the aggregate's current state and store the outcome.
 
     A command id seen before gets its stored reply with status `duplicate` and appends nothing.
-    A lost race is retried against fresh state unless the command named `expected_version`.
+    Process managers' commands (`internal`) are recorded apart from clients' (the event store's
+    key spaces), so a client command sent under a step's id never makes the step a duplicate.
+    A command whose aggregate id names a stream of another aggregate type is rejected with
+    `wrong_aggregate_type`. A lost race is retried against fresh state unless the command named
+    `expected_version`.
     Raises `UnknownCommandError` or `pydantic.ValidationError` for a command it cannot parse.
     """
     command, aggregate_class = registry.parse(envelope, internal=internal)
-    stored = await store.find_reply(envelope.command_id)
+    stored = await store.find_reply(envelope.command_id, internal=internal)
     if stored is not None:
         return _as_duplicate(stored)
     repository = AggregateRepository(store, registry, snapshot_every)
     for attempt in range(concurrency_retries + 1):
-        aggregate = await repository.load(aggregate_class, envelope.aggregate_id)
+        try:
+            aggregate = await repository.load(aggregate_class, envelope.aggregate_id)
+        except WrongAggregateTypeError as e:
+            return await _reject(envelope, store, "wrong_aggregate_type", str(e), internal)
         if envelope.expected_version is not None and envelope.expected_version != aggregate.version:
             return await _reject(
                 envelope,
@@ -60,13 +68,16 @@ async def handle_command(
                 "concurrency_conflict",
                 f"expected version {envelope.expected_version}, "
                 f"aggregate is at {aggregate.version}",
+                internal,
             )
         try:
             events = aggregate.decide(command)
         except DomainError as e:
-            return await _reject(envelope, store, e.code, e.message)
+            return await _reject(envelope, store, e.code, e.message, internal)
         if not events:
-            return await _reject(envelope, store, "no_change", "the command changes nothing")
+            return await _reject(
+                envelope, store, "no_change", "the command changes nothing", internal
+            )
         try:
             reply = await store.append(
                 stream_id=envelope.aggregate_id,
@@ -76,11 +87,15 @@ async def handle_command(
                 command_id=envelope.command_id,
                 correlation_id=envelope.metadata.correlation_id,
                 traceparent=tracing.current_traceparent(),
+                internal=internal,
             )
             await repository.appended(aggregate, events)
             return reply
         except DuplicateCommandError as e:
             return _as_duplicate(e.reply)
+        except WrongAggregateTypeError as e:
+            # The store's refusal, e.g. another type's first append won a race since the load.
+            return await _reject(envelope, store, "wrong_aggregate_type", str(e), internal)
         except ConcurrencyError:
             log.info("append_conflict", attempt=attempt, aggregate_id=str(envelope.aggregate_id))
             if envelope.expected_version is not None:
@@ -103,7 +118,9 @@ def _rejection(envelope: CommandEnvelope, code: str, message: str) -> Reply:
     )
 
 
-async def _reject(envelope: CommandEnvelope, store: EventStore, code: str, message: str) -> Reply:
+async def _reject(
+    envelope: CommandEnvelope, store: EventStore, code: str, message: str, internal: bool
+) -> Reply:
     reply = _rejection(envelope, code, message)
-    stored = await store.record_rejection(reply)
+    stored = await store.record_rejection(reply, internal=internal)
     return stored if stored == reply else _as_duplicate(stored)

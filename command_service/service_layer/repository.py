@@ -7,7 +7,12 @@ from uuid import UUID
 
 import structlog
 
-from command_service.adapters.event_store import EventStore, EventStoreUnavailableError, Snapshot
+from command_service.adapters.event_store import (
+    EventStore,
+    EventStoreUnavailableError,
+    Snapshot,
+    WrongAggregateTypeError,
+)
 from command_service.domain.aggregate import Aggregate
 from command_service.service_layer.registry import CommandRegistry
 from shared.messages import Event
@@ -27,6 +32,11 @@ class AggregateRepository:
         return self._snapshot_every > 0 and aggregate_class.snapshot_schema is not None
 
     async def load(self, aggregate_class: type[Aggregate], aggregate_id: UUID) -> Aggregate:
+        """The aggregate's current state.
+
+        Raises `WrongAggregateTypeError` when the stream is another aggregate type's, so that
+        nothing is decided on a history that is not this aggregate's.
+        """
         snapshot = None
         if self._snapshots(aggregate_class):
             snapshot = await self._store.load_snapshot(aggregate_id)
@@ -37,6 +47,10 @@ class AggregateRepository:
                 snapshot = None  # an older shape of the state: replay from the start instead
         after = snapshot.version if snapshot else 0
         history = await self._store.load_stream(aggregate_id, after_version=after)
+        # A stream's type is its first event's (a snapshot is only kept when it is ours).
+        wanted = aggregate_class.aggregate_type
+        if snapshot is None and history and history[0].aggregate_type != wanted:
+            raise WrongAggregateTypeError(aggregate_id, wanted, history[0].aggregate_type)
         events = (
             self._registry.event_from_stored(e.type, e.schema_version, e.data) for e in history
         )

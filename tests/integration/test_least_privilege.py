@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -11,7 +12,7 @@ import pytest
 
 from command_service.bootstrap import start
 from shared.client import CommandClient
-from shared.ledger import DepositMoney, OpenAccount
+from shared.ledger import DepositMoney, OpenAccount, RequestTransfer
 from shared.settings import CommandServiceSettings
 
 pytestmark = pytest.mark.integration
@@ -35,6 +36,10 @@ async def service_dsn(pool: asyncpg.Pool, pg_dsn: str) -> AsyncIterator[str]:
         "UPDATE events SET data = '{}'",
         "TRUNCATE commands",
         "DELETE FROM commands",
+        "UPDATE commands SET client_only = false",
+        "DELETE FROM internal_commands",
+        "UPDATE streams SET aggregate_type = 'transfer'",
+        "DELETE FROM streams",
         "ALTER TABLE events ADD COLUMN x int",
         "CREATE TABLE intruder (id int)",
     ],
@@ -68,11 +73,27 @@ async def test_the_service_runs_with_that_role_and_migrates_as_the_owner(
                 OpenAccount(owner_id="o", currency="EUR", initial_deposit=1), account
             )
             deposited = await client.send_command(DepositMoney(amount=2), account)
-        assert (opened.status, deposited.status) == ("accepted", "accepted")
+            other, transfer = uuid.uuid4(), uuid.uuid4()
+            await client.send_command(OpenAccount(owner_id="o", currency="EUR"), other)
+            # A transfer: the process manager's steps write the internal command log.
+            requested = await client.send_command(
+                RequestTransfer(from_account_id=account, to_account_id=other, amount=3), transfer
+            )
+        assert (opened.status, deposited.status, requested.status) == ("accepted",) * 3
+        connection = await asyncpg.connect(pg_dsn)
+        try:
+            async with asyncio.timeout(15):
+                while not await connection.fetchval(
+                    "SELECT count(*) FROM events WHERE stream_id = $1 AND type = $2",
+                    transfer,
+                    "TransferCompleted",
+                ):
+                    await asyncio.sleep(0.05)
+            assert await connection.fetchval(
+                "SELECT count(*) FROM snapshots WHERE stream_id = $1", account
+            )
+            assert await connection.fetchval("SELECT count(*) FROM internal_commands") == 4
+        finally:
+            await connection.close()
     finally:
         await service.stop()
-    connection = await asyncpg.connect(pg_dsn)
-    try:
-        assert await connection.fetchval("SELECT count(*) FROM snapshots") == 1
-    finally:
-        await connection.close()

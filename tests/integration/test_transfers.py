@@ -7,16 +7,25 @@ import functools
 import uuid
 from typing import TypeVar
 
+import asyncpg
 import pytest
 
 from command_service.adapters.event_store import PostgresEventStore
 from command_service.bootstrap import CommandService, build_registry, start
 from command_service.domain.account import Account
+from command_service.domain.process import step_id
 from command_service.domain.transfer import Transfer, TransferProcess
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.process_managers import ProcessManagerRunner
 from shared.client import CommandClient, envelope_for
-from shared.ledger import CreditFromTransfer, FreezeAccount, OpenAccount, RequestTransfer
+from shared.ledger import (
+    ACCOUNT,
+    CreditFromTransfer,
+    DepositMoney,
+    FreezeAccount,
+    OpenAccount,
+    RequestTransfer,
+)
 from shared.settings import CommandServiceSettings
 
 pytestmark = pytest.mark.integration
@@ -117,6 +126,29 @@ async def test_internal_steps_are_refused_from_the_broker(
     assert (await load(store, Account, a)).balance == 0
 
 
+async def test_a_client_cannot_claim_the_command_ids_of_a_transfers_steps(
+    command_service: CommandService, client: CommandClient, store: PostgresEventStore
+) -> None:
+    """Step ids are uuid5 of a namespace in the source: a client can compute every one of its
+    transfer's step ids before requesting it, and send its own commands under them first."""
+    a, b = await open_account(client, 100), await open_account(client, 5)
+    transfer_id = uuid.uuid4()
+    steps = ("debit", "credit", "settle", "complete", "refund", "fail")
+    for step in steps:
+        claim = envelope_for(
+            DepositMoney(amount=1), b, command_id=step_id(TransferProcess.name, transfer_id, step)
+        )
+        assert (await client.send(claim, ACCOUNT)).status == "accepted"
+    reply = await client.send_command(
+        RequestTransfer(from_account_id=a, to_account_id=b, amount=30), transfer_id
+    )
+    assert reply.status == "accepted"
+    assert (await settled(store, transfer_id)).status == "completed"
+    source, target = await load(store, Account, a), await load(store, Account, b)
+    assert (source.balance, target.balance) == (70, 5 + len(steps) + 30)
+    assert source.pending_debits == set()
+
+
 async def test_a_transfer_that_died_half_way_is_finished_after_restart(
     command_settings: CommandServiceSettings, store: PostgresEventStore
 ) -> None:
@@ -144,6 +176,50 @@ async def test_a_transfer_that_died_half_way_is_finished_after_restart(
     assert (await load(store, Account, a)).balance == 75
 
     service = await start(command_settings)  # a replica picks it up from the checkpoint
+    try:
+        assert (await settled(store, transfer_id)).status == "completed"
+    finally:
+        await service.stop()
+    source, target = await load(store, Account, a), await load(store, Account, b)
+    assert (source.balance, target.balance) == (75, 25)
+    debits = [e for e in await store.load_stream(a) if e.type == "MoneyDebitedForTransfer"]
+    assert len(debits) == 1
+
+
+async def test_a_step_recorded_before_the_key_spaces_is_not_decided_again(
+    command_settings: CommandServiceSettings, store: PostgresEventStore, pool: asyncpg.Pool
+) -> None:
+    """A transfer in flight across the upgrade: its debit was recorded in the one command log
+    the older code kept (as migration 0005 leaves it, and as an older replica still writes it
+    during a rolling update); the process manager runs the step again after the upgrade."""
+    registry = build_registry()
+    handle = functools.partial(
+        handle_command, store=store, registry=registry, concurrency_retries=3
+    )
+    a, b, transfer_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for account, balance in ((a, 100), (b, 0)):
+        await handle(
+            envelope_for(
+                OpenAccount(owner_id="o", currency="EUR", initial_deposit=balance), account
+            )
+        )
+    await handle(
+        envelope_for(RequestTransfer(from_account_id=a, to_account_id=b, amount=25), transfer_id)
+    )
+    requested = [e for e in await store.read_all(0, 100) if e.type == "TransferRequested"]
+    runner = ProcessManagerRunner(TransferProcess(), handle=handle, registry=registry)
+    await runner(requested)
+    assert (await load(store, Account, a)).balance == 75
+    async with pool.acquire() as connection, connection.transaction():
+        # The older code's statement, which leaves client_only to its default.
+        await connection.execute(
+            """INSERT INTO commands (command_id, aggregate_id, reply)
+               SELECT command_id, aggregate_id, reply FROM internal_commands"""
+        )
+        await connection.execute("DELETE FROM internal_commands")
+
+    await runner(requested)  # the same step once more, as after a restart
+    service = await start(command_settings)  # and the whole transfer from the start
     try:
         assert (await settled(store, transfer_id)).status == "completed"
     finally:

@@ -12,16 +12,24 @@ from command_service.adapters.event_store import (
     NewEvent,
     Snapshot,
     StoredEvent,
+    WrongAggregateTypeError,
 )
 from shared.messages import Reply
 
 
 class FakeEventStore:
-    """Keeps streams and command replies in dicts; can simulate a writer that races ahead."""
+    """Keeps streams and command replies in dicts; can simulate a writer that races ahead.
+
+    Like the PostgreSQL store, a stream's first append records its aggregate type
+    (`stream_types`) and an append of another type is refused, and process managers' commands
+    are recorded apart from clients' (`internal_replies`, `replies`).
+    """
 
     def __init__(self) -> None:
         self.events: list[StoredEvent] = []
+        self.stream_types: dict[UUID, str] = {}
         self.replies: dict[UUID, Reply] = {}
+        self.internal_replies: dict[UUID, Reply] = {}
         self.conflicts_to_inject = 0
         self.snapshots: dict[UUID, Snapshot] = {}
 
@@ -36,8 +44,11 @@ class FakeEventStore:
         if stored is None or stored.version < snapshot.version:
             self.snapshots[snapshot.stream_id] = snapshot
 
-    async def find_reply(self, command_id: UUID) -> Reply | None:
-        return self.replies.get(command_id)
+    def _log(self, internal: bool) -> dict[UUID, Reply]:
+        return self.internal_replies if internal else self.replies
+
+    async def find_reply(self, command_id: UUID, *, internal: bool = False) -> Reply | None:
+        return self._log(internal).get(command_id)
 
     async def append(
         self,
@@ -49,15 +60,20 @@ class FakeEventStore:
         command_id: UUID,
         correlation_id: str | None,
         traceparent: str | None = None,
+        internal: bool = False,
     ) -> Reply:
+        replies = self._log(internal)
         if self.conflicts_to_inject:
             self.conflicts_to_inject -= 1
             raise ConcurrencyError("injected")
-        if command_id in self.replies:
-            raise DuplicateCommandError(self.replies[command_id])
+        if command_id in replies:
+            raise DuplicateCommandError(replies[command_id])
         current = len(await self.load_stream(stream_id))
         if current != expected_version:
             raise ConcurrencyError(f"at {current}")
+        recorded = self.stream_types.setdefault(stream_id, aggregate_type)
+        if recorded != aggregate_type:
+            raise WrongAggregateTypeError(stream_id, aggregate_type, recorded)
         for i, event in enumerate(events):
             self.events.append(
                 StoredEvent(
@@ -84,11 +100,11 @@ class FakeEventStore:
             version=expected_version + len(events),
             position=len(self.events),
         )
-        self.replies[command_id] = reply
+        replies[command_id] = reply
         return reply
 
-    async def record_rejection(self, reply: Reply) -> Reply:
-        return self.replies.setdefault(reply.command_id, reply)
+    async def record_rejection(self, reply: Reply, *, internal: bool = False) -> Reply:
+        return self._log(internal).setdefault(reply.command_id, reply)
 
     async def read_all(self, after: int, limit: int) -> list[StoredEvent]:
         return [e for e in self.events if e.position > after][:limit]

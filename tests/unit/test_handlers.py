@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -11,14 +12,26 @@ from command_service.bootstrap import build_registry
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.registry import UnknownCommandError
 from shared.client import envelope_for
-from shared.ledger import DepositMoney, OpenAccount, WithdrawMoney
+from shared.ledger import (
+    DebitForTransfer,
+    DepositMoney,
+    OpenAccount,
+    RequestTransfer,
+    WithdrawMoney,
+)
 from shared.messages import CommandEnvelope, Reply
 from tests.unit.fakes import FakeEventStore
 
 
-async def run(store: FakeEventStore, envelope: CommandEnvelope, retries: int = 3) -> Reply:
+async def run(
+    store: FakeEventStore, envelope: CommandEnvelope, retries: int = 3, *, internal: bool = False
+) -> Reply:
     return await handle_command(
-        envelope, store=store, registry=build_registry(), concurrency_retries=retries
+        envelope,
+        store=store,
+        registry=build_registry(),
+        concurrency_retries=retries,
+        internal=internal,
     )
 
 
@@ -103,3 +116,82 @@ async def test_unknown_type_and_bad_payload_raise(store: FakeEventStore) -> None
             CommandEnvelope(type="DepositMoney", aggregate_id=account, payload={"amount": -1}),
         )
     assert store.events == []
+
+
+async def test_rejects_a_transfer_under_an_accounts_id(store: FakeEventStore) -> None:
+    account, other = await open_account(store, balance=50), await open_account(store)
+    envelope = envelope_for(
+        RequestTransfer(from_account_id=account, to_account_id=other, amount=10), account
+    )
+    reply = await run(store, envelope)
+    assert reply.status == "rejected"
+    assert reply.error is not None and reply.error.code == "wrong_aggregate_type"
+    again = await run(store, envelope)
+    assert (again.status, again.error) == ("duplicate", reply.error)
+    assert [e.aggregate_type for e in store.events] == ["account"] * 3
+
+
+async def test_rejects_opening_an_account_under_a_transfers_id(store: FakeEventStore) -> None:
+    account, other = await open_account(store, balance=50), await open_account(store)
+    transfer = uuid.uuid4()
+    requested = await run(
+        store,
+        envelope_for(
+            RequestTransfer(from_account_id=account, to_account_id=other, amount=10), transfer
+        ),
+    )
+    assert requested.status == "accepted"
+    reply = await run(
+        store, envelope_for(OpenAccount(owner_id="m", currency="EUR", initial_deposit=5), transfer)
+    )
+    assert reply.error is not None and reply.error.code == "wrong_aggregate_type"
+    assert [e.type for e in await store.load_stream(transfer)] == ["TransferRequested"]
+
+
+async def test_a_first_append_that_loses_to_another_type_is_rejected() -> None:
+    """Another type's first append commits between this command's load and its append."""
+
+    class RacingStore(FakeEventStore):
+        async def append(self, **fields: Any) -> Reply:
+            if fields["stream_id"] not in self.stream_types:
+                await super().append(
+                    **{**fields, "aggregate_type": "transfer", "command_id": uuid.uuid4()}
+                )
+            return await super().append(**fields)
+
+    store = RacingStore()
+    account = uuid.uuid4()
+    reply = await run(store, envelope_for(OpenAccount(owner_id="o", currency="EUR"), account))
+    assert reply.error is not None and reply.error.code == "wrong_aggregate_type"
+    assert [e.aggregate_type for e in store.events] == ["transfer"]
+
+
+async def test_the_stores_refusal_of_another_type_is_a_rejection(store: FakeEventStore) -> None:
+    """The store knows a stream's type even where the loaded history shows none of it."""
+    account = uuid.uuid4()
+    store.stream_types[account] = "transfer"
+    reply = await run(store, envelope_for(OpenAccount(owner_id="o", currency="EUR"), account))
+    assert reply.error is not None and reply.error.code == "wrong_aggregate_type"
+    assert store.events == []
+
+
+async def test_a_client_command_under_a_steps_id_does_not_answer_the_step(
+    store: FakeEventStore,
+) -> None:
+    account = await open_account(store, balance=50)
+    step = uuid.uuid4()
+    claim = envelope_for(DepositMoney(amount=1), account, command_id=step)
+    claimed = await run(store, claim)
+    debit = envelope_for(
+        DebitForTransfer(transfer_id=uuid.uuid4(), amount=10, to_account_id=uuid.uuid4()),
+        account,
+        command_id=step,
+    )
+    decided = await run(store, debit, internal=True)
+    assert (decided.status, decided.version) == ("accepted", 4)
+    # Each key space answers its own resends.
+    again = await run(store, debit, internal=True)
+    assert (again.status, again.version) == ("duplicate", 4)
+    resent = await run(store, claim)
+    assert (resent.status, resent.version) == ("duplicate", claimed.version)
+    assert [e.type for e in store.events[-2:]] == ["MoneyDeposited", "MoneyDebitedForTransfer"]
