@@ -97,8 +97,8 @@ async def start(
     metrics = CommandMetrics(registry.command_types)
     if supervisor is None:
         supervisor = Supervisor()
-    supervisor.counter = metrics.task_failures
     supervisor.transient = RECOVERABLE_ERRORS
+    metrics.watch(supervisor)
     handle = functools.partial(
         handle_command,
         store=PostgresEventStore(pool, append_seconds=metrics.event_append_seconds),

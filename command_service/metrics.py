@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from shared.supervision import Supervisor, TaskFailuresCollector
+
 # `failed`: the handling raised something unexpected; the command was dead-lettered.
 OUTCOMES = ("accepted", "rejected", "duplicate", "dead_lettered", "requeued", "failed")
 # The `type` label of a message that names no registered command: what a client sends must not
@@ -72,17 +74,15 @@ class CommandMetrics:
             "Replies not sent because the command's reply_to is not a reply queue",
             registry=self.registry,
         )
-        self.task_failures = Counter(
-            "cqrs_task_failures",
-            "Failures of a supervised long-lived task (restarted with backoff), by task",
-            ["task"],
-            registry=self.registry,
-        )
         # Every series exists from the start, so rates and dashboards see zeros, not gaps.
         for command_type in (*sorted(self._types), UNKNOWN_TYPE):
             self.command_handling_seconds.labels(command_type)
             for outcome in OUTCOMES:
                 self.commands.labels(command_type, outcome)
+
+    def watch(self, supervisor: Supervisor) -> None:
+        """Expose the supervisor's task failures (`cqrs_task_failures_total`) here."""
+        self.registry.register(TaskFailuresCollector(supervisor))
 
     def type_label(self, command_type: str | None) -> str:
         return command_type if command_type in self._types else UNKNOWN_TYPE

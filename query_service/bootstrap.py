@@ -17,6 +17,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from query_service.adapters import broker
 from query_service.adapters.mongo import (
     CHECKPOINTS_COLLECTION,
+    TRANSIENT_ERRORS,
     BufferedCheckpoints,
     Document,
     MongoCheckpoints,
@@ -35,6 +36,7 @@ from query_service.projections.base import BatchProjection
 from query_service.projections.ledger import build_catalog
 from query_service.service_layer.projector import GapPolicy, Projector
 from shared.settings import QueryServiceSettings
+from shared.supervision import Supervisor
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -89,11 +91,19 @@ async def start_projector(
     gap_policy: GapPolicy | None = None,
     retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
     metrics: ProjectorMetrics | None = None,
+    supervisor: Supervisor | None = None,
 ) -> ProjectorRuntime:
-    """Declare the topology and start consuming every partition queue."""
+    """Declare the topology and start consuming every partition queue.
+
+    The projector's loops (the checkpoint writer, the partition balancer) run under
+    `supervisor`, and its partition consumers report into it.
+    """
+    supervisor = supervisor if supervisor is not None else Supervisor()
     catalog = catalog if catalog is not None else build_catalog(database)
     await catalog.ensure_current_indexes()
-    checkpoints = BufferedCheckpoints(MongoCheckpoints(database[CHECKPOINTS_COLLECTION]))
+    checkpoints = BufferedCheckpoints(
+        MongoCheckpoints(database[CHECKPOINTS_COLLECTION]), supervisor=supervisor
+    )
     handler = Projector(
         catalog,
         checkpoints=checkpoints,
@@ -110,13 +120,18 @@ async def start_projector(
             parker=broker.AmqpParker(topology.parked_exchange),
             retry_policy=retry_policy,
             metrics=metrics,
+            supervisor=supervisor,
         )
         subscriptions = PartitionSubscriptions(
             connection, consumer, wanted, prefetch=settings.prefetch
         )
         await subscriptions.start()
         balancer = PartitionBalancer(
-            connection, subscriptions, consumer, interval=settings.projector_rebalance_seconds
+            connection,
+            subscriptions,
+            consumer,
+            interval=settings.projector_rebalance_seconds,
+            supervisor=supervisor,
         )
         balancer.start()
     except BaseException:
@@ -142,6 +157,7 @@ class QueryService:
     catalog: ReadModelCatalog
     projector: ProjectorRuntime | None
     app: FastAPI | None
+    supervisor: Supervisor
 
     async def stop_projector(self, grace_seconds: float = 10.0) -> None:
         if self.projector is not None:
@@ -156,22 +172,38 @@ class QueryService:
             await self.mongo.close()
 
 
-async def bootstrap(settings: QueryServiceSettings) -> QueryService:
-    """Build the service: one MongoDB client shared by the projector and the API."""
+async def bootstrap(
+    settings: QueryServiceSettings, *, supervisor: Supervisor | None = None
+) -> QueryService:
+    """Build the service: one MongoDB client shared by the projector and the API, and one
+    supervisor for every long-lived task of both."""
+    supervisor = supervisor if supervisor is not None else Supervisor()
+    supervisor.transient = TRANSIENT_ERRORS
     mongo = create_client(settings.mongo_url)
     database = mongo[settings.mongo_db]
     catalog = build_catalog(database)
     metrics = ProjectorMetrics() if settings.run_projector else None
     try:
         projector = (
-            await start_projector(settings, database, catalog=catalog, metrics=metrics)
+            await start_projector(
+                settings, database, catalog=catalog, metrics=metrics, supervisor=supervisor
+            )
             if settings.run_projector
             else None
         )
     except BaseException:
         await mongo.close()
         raise
-    app = create_app(settings, catalog=catalog, metrics=metrics) if settings.run_api else None
+    app = (
+        create_app(settings, catalog=catalog, metrics=metrics, supervisor=supervisor)
+        if settings.run_api
+        else None
+    )
     return QueryService(
-        settings=settings, mongo=mongo, catalog=catalog, projector=projector, app=app
+        settings=settings,
+        mongo=mongo,
+        catalog=catalog,
+        projector=projector,
+        app=app,
+        supervisor=supervisor,
     )

@@ -19,6 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from shared.supervision import Supervisor, TaskFailuresCollector
+
 # Label value of a request no route matched, so stray paths cannot grow the label set.
 UNMATCHED_ROUTE = "<unmatched>"
 
@@ -86,10 +88,14 @@ class ProjectorCollector(Collector):
 class QueryMetrics:
     """The metrics one query-service app serves at `/metrics`."""
 
-    def __init__(self, projector: ProjectorMetrics | None = None) -> None:
+    def __init__(
+        self, projector: ProjectorMetrics | None = None, supervisor: Supervisor | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         if projector is not None:
             self.registry.register(ProjectorCollector(projector))
+        if supervisor is not None:
+            self.registry.register(TaskFailuresCollector(supervisor))
         self.projection_lag_events = Gauge(
             "cqrs_projection_lag_events",
             "Events waiting in the projector's partition queues (refreshed when scraped)",

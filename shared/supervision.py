@@ -25,11 +25,15 @@ import asyncio
 import contextlib
 import contextvars
 import random
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 log = structlog.get_logger(__name__)
 
@@ -43,12 +47,6 @@ class Failure(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class FailureCounter(Protocol):
-    """Where failures are counted (a Prometheus counter with a `task` label fits)."""
-
-    def labels(self, task: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -102,13 +100,14 @@ class Supervised:
 class Supervisor:
     """Runs long-lived tasks, restarts them when they fail, and knows which keep failing."""
 
-    counter: FailureCounter | None = None
     # Outages of a server the task needs (logged at WARNING, without a traceback); they count,
     # back off and show in readiness like any failure.
     transient: tuple[type[BaseException], ...] = ()
     backoff: Backoff = field(default_factory=Backoff)
     healthy_after: float = 30.0
     failing_after: int = 3
+    # Failures per task name since start; never forgotten, so a counter only grows.
+    failures_total: Counter[str] = field(default_factory=Counter)
     _tasks: dict[str, Supervised] = field(default_factory=dict)
     _callbacks: dict[str, TaskHealth] = field(default_factory=dict)
 
@@ -219,8 +218,7 @@ class Supervisor:
         default = UNAVAILABLE_REASON if isinstance(error, self.transient) else DEFAULT_REASON
         health.reason = getattr(error, "reason", None) or default
         health.last_failed = _now()
-        if self.counter is not None:
-            self.counter.labels(health.name).inc()
+        self.failures_total[health.name] += 1
         fields: dict[str, Any] = {
             "task": health.name,
             "reason": health.reason,
@@ -246,3 +244,20 @@ class Supervisor:
 
 def _now() -> float:
     return asyncio.get_running_loop().time()
+
+
+class TaskFailuresCollector(Collector):
+    """`cqrs_task_failures_total{task}` from a supervisor's table, when scraped."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "cqrs_task_failures",
+            "Failures of a supervised long-lived task (restarted with backoff), by task",
+            labels=["task"],
+        )
+        for task, count in sorted(self._supervisor.failures_total.items()):
+            family.add_metric([task], count)
+        yield family

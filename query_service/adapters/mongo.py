@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from pymongo.errors import (
 )
 
 from query_service.projections.base import ApplyResult, InvalidEvent
+from shared.supervision import Supervisor, mark_healthy
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -203,12 +203,23 @@ class BufferedCheckpoints:
 
     A checkpoint records progress; correctness comes from the version guard, so losing the last
     fraction of a second of it in a crash costs nothing, while writing it per event would double
-    the projector's writes.
+    the projector's writes. The writer runs under the supervisor: a write that fails for a
+    reason other than an outage is logged, counted and tried again after a backoff (what was
+    pending is kept).
     """
 
-    def __init__(self, store: MongoCheckpoints, *, interval: float = 0.25) -> None:
+    TASK = "checkpoint-flusher"
+
+    def __init__(
+        self,
+        store: MongoCheckpoints,
+        *,
+        interval: float = 0.25,
+        supervisor: Supervisor | None = None,
+    ) -> None:
         self._store = store
         self._interval = interval
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
         self._pending: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -216,7 +227,7 @@ class BufferedCheckpoints:
         if position > self._pending.get(projection, 0):
             self._pending[projection] = position
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="checkpoint-flusher")
+            self._task = self._supervisor.spawn(self.TASK, self._run, restart_on_return=True).task
 
     async def position(self, projection: str) -> int | None:
         stored = await self._store.position(projection)
@@ -242,13 +253,13 @@ class BufferedCheckpoints:
                 await self.flush()
             except TRANSIENT_ERRORS as e:
                 log.warning("checkpoint_flush_failed", error=repr(e))
+                continue
+            mark_healthy()
 
     async def close(self) -> None:
         """Stop the background writer and write what is pending."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._supervisor.stop(self.TASK)
             self._task = None
         try:
             await self.flush()

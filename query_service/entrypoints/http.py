@@ -68,6 +68,7 @@ from query_service.views import (
 )
 from shared.ledger import Currency, OwnerId
 from shared.settings import QueryServiceSettings
+from shared.supervision import Supervisor
 from shared.topology import PROJECTOR_PARKED_QUEUE, projector_partition_queue
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
@@ -492,6 +493,7 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
             "duplicates": metrics.duplicates,
             "requeued": metrics.requeued,
         }
+    checks["tasks"] = request.app.state.supervisor.readiness()
     ready = all(check.get("ok") for check in checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks, detail=detail)
     return JSONResponse(status_code=200 if ready else 503, content=body.model_dump(mode="json"))
@@ -718,6 +720,7 @@ def create_app(
     database: AsyncDatabase[Document] | None = None,
     catalog: ReadModelCatalog | None = None,
     metrics: ProjectorMetrics | None = None,
+    supervisor: Supervisor | None = None,
 ) -> FastAPI:
     """The API app. Given `database` (or `catalog`), the caller owns its client; otherwise the
     app's lifespan opens a MongoDB client from `settings` and closes it on shutdown."""
@@ -747,7 +750,9 @@ def create_app(
                 await client.close()
 
     app = FastAPI(title="cqrs-ledger query API", version="0.2.0", lifespan=lifespan)
-    prometheus = QueryMetrics(projector=metrics)
+    supervisor = supervisor if supervisor is not None else Supervisor()
+    app.state.supervisor = supervisor
+    prometheus = QueryMetrics(projector=metrics, supervisor=supervisor)
     app.state.prometheus = prometheus
     app.add_middleware(RequestTimeout, seconds=settings.http_request_timeout_seconds)
     # Added last, so outermost: a request the timeout cut off is timed too, as a 503.

@@ -25,6 +25,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from query_service.adapters import broker
 from query_service.entrypoints.projector import ProjectorConsumer
+from shared.supervision import Supervisor, mark_healthy
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -90,23 +91,26 @@ class PartitionBalancer:
         consumer: ProjectorConsumer,
         *,
         interval: float,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._connection = connection
         self._subscriptions = subscriptions
         self._consumer = consumer
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self._running = False
+
+    TASK = "partition-balancer"
 
     def start(self) -> None:
-        if self._interval > 0 and self._task is None:
-            self._task = asyncio.create_task(self._run(), name="partition-balancer")
+        if self._interval > 0 and not self._running:
+            self._supervisor.spawn(self.TASK, self._run, restart_on_return=True)
+            self._running = True
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._running:
+            await self._supervisor.stop(self.TASK)
+            self._running = False
 
     async def _run(self) -> None:
         # Replicas started together should not all look at once.
@@ -116,6 +120,8 @@ class PartitionBalancer:
                 await self.balance()
             except CONNECTION_EXCEPTIONS as e:
                 log.warning("partition_balance_failed", error=repr(e))
+            else:
+                mark_healthy()
             await asyncio.sleep(self._interval * random.uniform(0.8, 1.2))
 
     async def balance(self) -> list[str]:

@@ -6,6 +6,11 @@
 - transient MongoDB errors: retry with bounded backoff, then nack with requeue;
 - any other error: log it with its traceback and park the message, so nothing is lost;
 - ack only after the read-model write is done.
+
+Each delivery runs in a task of the driver's; whatever escapes the policy above (a failure to
+park or settle that is not an outage) is contained here: logged, counted against the partition
+in the supervisor's table (readiness names a partition that keeps failing), and the message is
+requeued after a pause, never lost and never acked unprojected.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from query_service.metrics import ProjectorMetrics
 from query_service.service_layer.projector import Outcome, Projected, Rejected
 from shared import tracing
 from shared.messages import EventEnvelope
+from shared.supervision import Supervisor
 from shared.topology import AGGREGATE_ID_HEADER
 
 if TYPE_CHECKING:
@@ -44,6 +50,8 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
 # An event envelope is a few hundred bytes; anything near this is not one of ours.
 MAX_BODY_BYTES = 1_048_576
+# How long a message whose handling failed outside the policy waits before it is requeued.
+FAILED_REQUEUE_PAUSE_SECONDS = 1.0
 
 EventHandler = Callable[[EventEnvelope], Awaitable[Outcome]]
 
@@ -120,8 +128,10 @@ class ProjectorConsumer:
         retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
         max_body_bytes: int = MAX_BODY_BYTES,
         metrics: ProjectorMetrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.metrics = metrics if metrics is not None else ProjectorMetrics()
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
         self._handler = handler
         self._parker = parker
         self._retry_policy = retry_policy
@@ -195,6 +205,16 @@ class ProjectorConsumer:
             self._in_flight.add(task)
         try:
             await self._handle(message)
+        except CONNECTION_EXCEPTIONS:
+            raise  # the channel is gone: the broker redelivers the message
+        except Exception as e:  # noqa: BLE001 - logged and counted by the supervisor
+            self._supervisor.outcome(queue or "projector", e)
+            if not message.processed:  # it failed before it was settled
+                await asyncio.sleep(FAILED_REQUEUE_PAUSE_SECONDS)
+                key = _as_uuid((message.headers or {}).get(AGGREGATE_ID_HEADER))
+                await self._requeue(message, str(key) if key is not None else None)
+        else:
+            self._supervisor.outcome(queue or "projector", None)
         finally:
             if task is not None:
                 self._in_flight.discard(task)

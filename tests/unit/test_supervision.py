@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
-from typing import Any
 
 import structlog
 
@@ -13,25 +11,9 @@ from shared.supervision import Backoff, Failure, Supervisor, mark_healthy
 FAST = Backoff(initial=0.01, maximum=0.05)
 
 
-class Counted:
-    """A stand-in for a Prometheus counter with a `task` label."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def labels(self, task: str) -> Any:
-        counts = self.counts
-
-        class _Child:
-            def inc(self) -> None:
-                counts[task] += 1
-
-        return _Child()
-
-
 async def test_a_failing_task_is_logged_counted_restarted_and_reported() -> None:
-    counter = Counted()
-    supervisor = Supervisor(counter=counter, backoff=FAST, failing_after=3)
+    supervisor = Supervisor(backoff=FAST, failing_after=3)
+    counter = supervisor.failures_total
     runs = 0
     recovered = asyncio.Event()
 
@@ -47,7 +29,7 @@ async def test_a_failing_task_is_logged_counted_restarted_and_reported() -> None
 
     with structlog.testing.capture_logs([structlog.contextvars.merge_contextvars]) as logs:
         supervisor.spawn("relay", flaky)
-        while counter.counts["relay"] < 3:
+        while counter["relay"] < 3:
             await asyncio.sleep(0.005)
         assert [h.name for h in supervisor.failing()] == ["relay"]
         readiness = supervisor.readiness()
@@ -55,7 +37,7 @@ async def test_a_failing_task_is_logged_counted_restarted_and_reported() -> None
         assert readiness["failing"][0]["reason"] == "publish_failed"
         await asyncio.wait_for(recovered.wait(), 5)
     assert runs == 5
-    assert counter.counts["relay"] == 4
+    assert counter["relay"] == 4
     assert supervisor.failing() == []  # it said it works again
     errors = [entry for entry in logs if entry["event"] == "task_failed"]
     assert len(errors) == 4
