@@ -26,6 +26,7 @@ from command_service.metrics import CommandMetrics
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.process_managers import ProcessManagerRunner
 from command_service.service_layer.registry import CommandRegistry
+from shared.amqp import tolerate_invalid_utf8
 from shared.settings import CommandServiceSettings
 from shared.supervision import Supervisor
 
@@ -83,6 +84,7 @@ async def start(
 
     Every long-lived task runs under `supervisor` (a new one by default: tests pass their own).
     """
+    tolerate_invalid_utf8()
     await migrate_schema(settings.postgres_migration_dsn or settings.postgres_dsn)
     pool = await create_pool(settings.postgres_dsn, settings.postgres_pool_size)
     amqp = await aio_pika.connect_robust(settings.amqp_url)

@@ -35,6 +35,7 @@ from query_service.metrics import ProjectorMetrics
 from query_service.projections.base import BatchProjection
 from query_service.projections.ledger import build_catalog
 from query_service.service_layer.projector import GapPolicy, Projector
+from shared.amqp import tolerate_invalid_utf8
 from shared.settings import QueryServiceSettings
 from shared.supervision import Supervisor
 
@@ -98,6 +99,7 @@ async def start_projector(
     The projector's loops (the checkpoint writer, the partition balancer) run under
     `supervisor`, and its partition consumers report into it.
     """
+    tolerate_invalid_utf8()
     supervisor = supervisor if supervisor is not None else Supervisor()
     catalog = catalog if catalog is not None else build_catalog(database)
     await catalog.ensure_current_indexes()
@@ -177,6 +179,7 @@ async def bootstrap(
 ) -> QueryService:
     """Build the service: one MongoDB client shared by the projector and the API, and one
     supervisor for every long-lived task of both."""
+    tolerate_invalid_utf8()
     supervisor = supervisor if supervisor is not None else Supervisor()
     supervisor.transient = TRANSIENT_ERRORS
     mongo = create_client(settings.mongo_url)

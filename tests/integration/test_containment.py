@@ -10,14 +10,16 @@ counted, restarted and shown in `/readyz` until it works again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aio_pika
 import asyncpg
 import httpx
+import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 
@@ -202,6 +204,55 @@ async def test_the_aggregate_id_header_must_be_the_envelopes(
     assert upper.error is not None and upper.error.code == "aggregate_id_mismatch"
     ok = await client.send_command(OpenAccount(owner_id="dan", currency="EUR"), account)
     assert ok.status == "accepted"
+
+
+async def test_a_message_whose_properties_are_not_utf8_does_not_drop_the_connection(
+    command_service: CommandService,
+    client: CommandClient,
+    channel: AbstractChannel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RabbitMQ passes property and header-name bytes through unchecked; the AMQP codec used to
+    drop the consumer's whole connection on them, and again on every redelivery."""
+    replies = await channel.declare_queue(exclusive=True)
+    account = uuid.uuid4()
+    envelope = opening(account)
+    with raw_short_strings(monkeypatch):
+        exchange = await channel.get_exchange(topology.COMMANDS_EXCHANGE)
+        await exchange.publish(
+            aio_pika.Message(
+                json.dumps(envelope).encode(),
+                content_type="application/json",
+                message_id=f"{RAW}id",
+                correlation_id="not-utf8-1",
+                reply_to=replies.name,
+                headers={topology.AGGREGATE_ID_HEADER: str(account), f"{RAW}key": "v"},
+            ),
+            routing_key="account.OpenAccount",
+        )
+    reply = await answer(replies, "not-utf8-1")
+    assert (reply.status, reply.aggregate_id) == ("accepted", account)
+    sentinel = await client.send_command(DepositMoney(amount=1), account)
+    assert (sentinel.status, sentinel.version) == ("accepted", 3)
+
+
+RAW = "\x00raw:"
+
+
+@contextlib.contextmanager
+def raw_short_strings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """While active, a string starting with `RAW` is sent as bytes that are not UTF-8."""
+    original = pamqp.encode._string
+
+    def encode(encoder: Any, value: Any) -> bytes:
+        if isinstance(value, str) and value.startswith(RAW):
+            raw = b"\xff\xfe" + value[len(RAW) :].encode()
+            return bytes(encoder.pack(len(raw))) + raw
+        return bytes(original(encoder, value))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pamqp.encode, "_string", encode)
+        yield
 
 
 # --- supervision ---------------------------------------------------------------------------------
