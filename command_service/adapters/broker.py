@@ -113,9 +113,16 @@ def reply_message(reply: Reply, correlation_id: str | None) -> aio_pika.Message:
     )
 
 
-def dead_letter_message(original: AbstractIncomingMessage, reason: str) -> aio_pika.Message:
-    """A copy of the original command with the reason it could not be processed."""
+def dead_letter_message(
+    original: AbstractIncomingMessage, reason: str, *, max_body_bytes: int
+) -> aio_pika.Message:
+    """A copy of the original command with the reason it could not be processed.
+
+    A body over `max_body_bytes` (the command limit: such a command is refused anyway) keeps
+    only a prefix, with its original size and SHA-256 in the headers, so a flood of large bad
+    commands cannot fill the broker with copies of them.
+    """
     headers = dict(original.headers or {})
     headers[topology.REASON_HEADER] = reason[:1000]
     headers["x-original-routing-key"] = original.routing_key or ""
-    return copy_message(original, headers)
+    return copy_message(original, headers, max_body_bytes=max_body_bytes)
