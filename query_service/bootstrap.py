@@ -103,13 +103,17 @@ async def start_projector(
     try:
         # Publisher confirms (aio-pika's default) make parking safe to ack after.
         channel = await connection.channel()
-        wanted = broker.ProjectorTopology(settings.projector_partitions)
+        wanted = broker.ProjectorTopology(
+            settings.projector_partitions,
+            parked=broker.parked_bounds(settings.parked_max_messages, settings.parked_max_bytes),
+        )
         topology = await broker.declare_projector_topology(channel, wanted)
         consumer = ProjectorConsumer(
             handler=handler,
             parker=broker.AmqpParker(topology.parked_exchange),
             retry_policy=retry_policy,
             metrics=metrics,
+            park_retry_seconds=settings.parked_retry_seconds,
         )
         subscriptions = PartitionSubscriptions(
             connection, consumer, wanted, prefetch=settings.prefetch

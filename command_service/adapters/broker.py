@@ -15,20 +15,28 @@ from aio_pika.abc import (
 )
 
 from shared import topology, tracing
-from shared.amqp import copy_message
+from shared.amqp import QueueBounds, copy_message, declare_bounded_queue
 from shared.messages import EventEnvelope, Reply
 
 SINGLE_ACTIVE: dict[str, FieldValue] = {"x-single-active-consumer": True}
 
 
+def dead_letter_bounds(max_messages: int, max_bytes: int) -> QueueBounds:
+    """`cqrs.commands.dead` drops its oldest letter when full: every dead letter was refused and
+    answered, so none is the only record of an accepted command, and a flood of bad commands
+    must never stop the consumer from settling the good ones behind it."""
+    return QueueBounds(max_messages, max_bytes, overflow="drop-head")
+
+
 async def declare_command_topology(
-    channel: AbstractChannel, partitions: int
+    channel: AbstractChannel, partitions: int, dead_letters: QueueBounds
 ) -> list[AbstractQueue]:
     """Declare (idempotently) the exchanges and queues commands flow through.
 
     `cqrs.commands` (topic) → `cqrs.commands.partitioned` (consistent hash on the
     `aggregate_id` header) → P single-active-consumer queues, so that one replica at a time
-    handles each partition and commands for one aggregate keep their order.
+    handles each partition and commands for one aggregate keep their order. Dead letters go to
+    `cqrs.commands.dead`, bounded by `dead_letters`.
     """
     commands = await channel.declare_exchange(
         topology.COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
@@ -36,7 +44,9 @@ async def declare_command_topology(
     dead = await channel.declare_exchange(
         topology.COMMAND_DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
     )
-    dead_queue = await channel.declare_queue(topology.COMMAND_DEAD_LETTER_QUEUE, durable=True)
+    dead_queue = await declare_bounded_queue(
+        channel, topology.COMMAND_DEAD_LETTER_QUEUE, dead_letters
+    )
     await dead_queue.bind(dead)
     queue_arguments: dict[str, FieldValue] = {
         **SINGLE_ACTIVE,

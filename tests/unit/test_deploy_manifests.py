@@ -354,6 +354,7 @@ COUNTERS = {
     "cqrs_events_projected_total": {"event_type"},
     "cqrs_duplicates_suppressed_total": set(),
     "cqrs_parked_events_total": set(),
+    "cqrs_park_refused_total": set(),
 }
 GAUGES: dict[str, set[str]] = {
     "cqrs_relay_backlog_events": set(),
