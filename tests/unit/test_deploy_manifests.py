@@ -39,7 +39,7 @@ OLDEST_KUBERNETES = "1.28"
 KUBERNETES_VERSIONS = [OLDEST_KUBERNETES, kubernetes_validate.utils.latest_version()]
 
 # Manifests no kustomization names on purpose.
-UNREFERENCED = {BASE / "secret.example.yaml"}
+UNREFERENCED = {BASE / "secret.example.yaml", BASE / "rabbitmq.example.yaml"}
 
 UID = 10001  # the image's USER (scripts/docker/Dockerfile)
 HTTP_PORT = 8000
