@@ -15,14 +15,17 @@ import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+import aio_pika
 import pytest
 
 from command_service.bootstrap import CommandService
+from shared import topology
 from shared.client import (
     BrokerRefusedError,
     BrokerUnavailableError,
     CommandClient,
     CommandClientError,
+    CommandServiceUnavailableError,
 )
 from shared.ledger import DepositMoney, OpenAccount
 from shared.messages import Reply
@@ -168,3 +171,22 @@ async def test_a_publish_the_broker_refuses_is_the_sdks_error_at_once_and_the_cl
             assert "ACCESS_REFUSED" in str(raised.value)
     finally:
         await client.close()
+
+
+async def test_a_command_no_queue_takes_is_the_sdks_error_at_once(broker: str) -> None:
+    # The commands exchange with nothing bound to it: a command service that never got further.
+    connection = await aio_pika.connect(broker)
+    try:
+        channel = await connection.channel()
+        await channel.declare_exchange(
+            topology.COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+    finally:
+        await connection.close()
+    async with await CommandClient.connect(broker) as client:
+        started = time.monotonic()
+        with pytest.raises(CommandServiceUnavailableError, match="no queue took the command"):
+            await client.send_command(
+                OpenAccount(owner_id="fred", currency="EUR"), uuid.uuid4(), timeout=10
+            )
+        assert time.monotonic() - started < 5  # not a wait for a reply that cannot come
