@@ -100,6 +100,17 @@ class CommandServiceSettings(CommonSettings):
         default=8001, ge=0, le=65_535, description="their port (`0`: a free one)"
     )
 
+    @model_validator(mode="after")
+    def _a_dead_letter_fits_its_queue(self) -> CommandServiceSettings:
+        # A dead letter's body is at most the command limit (a longer one is cut to a prefix);
+        # one larger than the queue's byte bound would only push everything else out.
+        if self.dead_letter_max_bytes < self.max_message_bytes:
+            raise ValueError(
+                "CQRS_DEAD_LETTER_MAX_BYTES must be at least CQRS_MAX_MESSAGE_BYTES, or one "
+                "dead letter would not fit in the queue"
+            )
+        return self
+
 
 class QueryServiceSettings(CommonSettings):
     """Settings of the query service (projector and HTTP API)."""
@@ -167,8 +178,9 @@ class QueryServiceSettings(CommonSettings):
     )
     parked_max_bytes: int = Field(
         default=134_217_728,
-        ge=65_536,
-        description="body bytes `cqrs.projector.parked` holds (128 MiB), the same way",
+        ge=1_048_576,
+        description="body bytes `cqrs.projector.parked` holds (128 MiB), the same way; at "
+        "least 1 MiB, the largest event body the projector reads, so any event can be parked",
     )
     parked_retry_seconds: float = Field(
         default=5.0,

@@ -135,8 +135,8 @@ async def queued(broker: str, names: list[str]) -> int:
     ("bounds", "body_bytes"),
     [
         ({"parked_max_messages": 2}, 20),
-        # Two bodies of 30,000 bytes fit in 65,536; a third does not.
-        ({"parked_max_bytes": 65_536}, 30_000),
+        # Two bodies of 400,000 bytes fit in 1 MiB; a third does not.
+        ({"parked_max_bytes": 1_048_576}, 400_000),
     ],
     ids=["length", "bytes"],
 )
