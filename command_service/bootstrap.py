@@ -89,7 +89,13 @@ async def start(
     pool = await create_pool(settings.postgres_dsn, settings.postgres_pool_size)
     amqp = await aio_pika.connect_robust(settings.amqp_url)
     topology_channel = await amqp.channel()
-    declared = await broker.declare_command_topology(topology_channel, settings.command_partitions)
+    declared = await broker.declare_command_topology(
+        topology_channel,
+        settings.command_partitions,
+        broker.dead_letter_bounds(
+            settings.dead_letter_max_messages, settings.dead_letter_max_bytes
+        ),
+    )
     queues = [queue.name for queue in declared]
     await topology_channel.close()
     confirmed = await amqp.channel(publisher_confirms=True)

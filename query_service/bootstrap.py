@@ -115,7 +115,10 @@ async def start_projector(
     try:
         # Publisher confirms (aio-pika's default) make parking safe to ack after.
         channel = await connection.channel()
-        wanted = broker.ProjectorTopology(settings.projector_partitions)
+        wanted = broker.ProjectorTopology(
+            settings.projector_partitions,
+            parked=broker.parked_bounds(settings.parked_max_messages, settings.parked_max_bytes),
+        )
         topology = await broker.declare_projector_topology(channel, wanted)
         consumer = ProjectorConsumer(
             handler=handler,
@@ -123,6 +126,7 @@ async def start_projector(
             retry_policy=retry_policy,
             metrics=metrics,
             supervisor=supervisor,
+            park_retry_seconds=settings.parked_retry_seconds,
         )
         subscriptions = PartitionSubscriptions(
             connection, consumer, wanted, prefetch=settings.prefetch

@@ -32,6 +32,8 @@ class ProjectorMetrics:
     projected_by_type: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
     parked: int = 0
+    # Parks the full parked queue refused; each such event went back to its partition.
+    park_refused: int = 0
     requeued: int = 0
     last_parked_reason: str | None = None
     newest_recorded_at: datetime | None = None
@@ -77,6 +79,12 @@ class ProjectorCollector(Collector):
             "cqrs_parked_events",
             "Events set aside in the parked queue with the reason they cannot be projected",
             value=metrics.parked,
+        )
+        yield CounterMetricFamily(
+            "cqrs_park_refused",
+            "Parks refused by the full parked queue; the event stays in its partition and is "
+            "retried",
+            value=metrics.park_refused,
         )
         yield GaugeMetricFamily(
             "cqrs_projection_lag_seconds",

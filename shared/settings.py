@@ -60,7 +60,23 @@ class CommandServiceSettings(CommonSettings):
         default=4, ge=1, le=256, description="P command queues; every replica must use the same P"
     )
     max_message_bytes: int = Field(
-        default=65_536, ge=256, description="larger commands are dead-lettered"
+        default=65_536,
+        ge=256,
+        description="larger commands are dead-lettered, as a copy that keeps the first 4,096 "
+        "bytes; keep the broker's `max_message_size` at least twice this (events carry the "
+        "command's data)",
+    )
+    dead_letter_max_messages: int = Field(
+        default=100_000,
+        ge=1,
+        description="dead letters `cqrs.commands.dead` keeps; beyond, the oldest is dropped "
+        "(each was refused and answered)",
+    )
+    dead_letter_max_bytes: int = Field(
+        default=134_217_728,
+        ge=65_536,
+        description="body bytes `cqrs.commands.dead` keeps (128 MiB); beyond, the oldest is "
+        "dropped",
     )
     concurrency_retries: int = Field(
         default=5, ge=0, le=100, description="retries of a lost optimistic-concurrency race"
@@ -104,6 +120,17 @@ class CommandServiceSettings(CommonSettings):
             raise ValueError(
                 "CQRS_RELAY_POLL_SECONDS must be at most a third of CQRS_LEADER_TIMEOUT_SECONDS: "
                 "a leader that polls less often would lose its lock while healthy"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _a_dead_letter_fits_its_queue(self) -> CommandServiceSettings:
+        # A dead letter's body is at most the command limit (a longer one is cut to a prefix);
+        # one larger than the queue's byte bound would only push everything else out.
+        if self.dead_letter_max_bytes < self.max_message_bytes:
+            raise ValueError(
+                "CQRS_DEAD_LETTER_MAX_BYTES must be at least CQRS_MAX_MESSAGE_BYTES, or one "
+                "dead letter would not fit in the queue"
             )
         return self
 
@@ -165,6 +192,25 @@ class QueryServiceSettings(CommonSettings):
 
     projector_partitions: int = Field(
         default=4, ge=1, le=256, description="P event queues for the projector replicas"
+    )
+    parked_max_messages: int = Field(
+        default=100_000,
+        ge=1,
+        description="events `cqrs.projector.parked` holds; beyond, the broker refuses more and "
+        "the projector keeps the event in its partition until there is room",
+    )
+    parked_max_bytes: int = Field(
+        default=134_217_728,
+        ge=1_048_576,
+        description="body bytes `cqrs.projector.parked` holds (128 MiB), the same way; at "
+        "least 1 MiB, the largest event body the projector reads, so any event can be parked",
+    )
+    parked_retry_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="wait before an event the full parked queue refused is requeued and tried "
+        "again",
     )
     run_projector: bool = Field(default=True, description="run the projector in this process")
     run_api: bool = Field(default=True, description="run the HTTP API in this process")

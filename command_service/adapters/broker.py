@@ -15,21 +15,29 @@ from aio_pika.abc import (
 )
 
 from shared import topology, tracing
-from shared.amqp import copy_message
+from shared.amqp import QueueBounds, copy_message, declare_bounded_queue
 from shared.messages import EventEnvelope, Reply
 from shared.text import is_identifier
 
 SINGLE_ACTIVE: dict[str, FieldValue] = {"x-single-active-consumer": True}
 
 
+def dead_letter_bounds(max_messages: int, max_bytes: int) -> QueueBounds:
+    """`cqrs.commands.dead` drops its oldest letter when full: every dead letter was refused and
+    answered, so none is the only record of an accepted command, and a flood of bad commands
+    must never stop the consumer from settling the good ones behind it."""
+    return QueueBounds(max_messages, max_bytes, overflow="drop-head")
+
+
 async def declare_command_topology(
-    channel: AbstractChannel, partitions: int
+    channel: AbstractChannel, partitions: int, dead_letters: QueueBounds
 ) -> list[AbstractQueue]:
     """Declare (idempotently) the exchanges and queues commands flow through.
 
     `cqrs.commands` (topic) → `cqrs.commands.partitioned` (consistent hash on the
     `aggregate_id` header) → P single-active-consumer queues, so that one replica at a time
-    handles each partition and commands for one aggregate keep their order.
+    handles each partition and commands for one aggregate keep their order. Dead letters go to
+    `cqrs.commands.dead`, bounded by `dead_letters`.
     """
     commands = await channel.declare_exchange(
         topology.COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
@@ -37,7 +45,9 @@ async def declare_command_topology(
     dead = await channel.declare_exchange(
         topology.COMMAND_DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
     )
-    dead_queue = await channel.declare_queue(topology.COMMAND_DEAD_LETTER_QUEUE, durable=True)
+    dead_queue = await declare_bounded_queue(
+        channel, topology.COMMAND_DEAD_LETTER_QUEUE, dead_letters
+    )
     await dead_queue.bind(dead)
     queue_arguments: dict[str, FieldValue] = {
         **SINGLE_ACTIVE,
@@ -119,9 +129,16 @@ def reply_message(reply: Reply, correlation_id: str | None) -> aio_pika.Message:
     )
 
 
-def dead_letter_message(original: AbstractIncomingMessage, reason: str) -> aio_pika.Message:
-    """A copy of the original command with the reason it could not be processed."""
+def dead_letter_message(
+    original: AbstractIncomingMessage, reason: str, *, max_body_bytes: int
+) -> aio_pika.Message:
+    """A copy of the original command with the reason it could not be processed.
+
+    A body over `max_body_bytes` (the command limit: such a command is refused anyway) keeps
+    only a prefix, with its original size and SHA-256 in the headers, so a flood of large bad
+    commands cannot fill the broker with copies of them.
+    """
     headers = dict(original.headers or {})
     headers[topology.REASON_HEADER] = reason[:1000]
     headers["x-original-routing-key"] = original.routing_key or ""
-    return copy_message(original, headers)
+    return copy_message(original, headers, max_body_bytes=max_body_bytes)

@@ -334,7 +334,10 @@ class CommandConsumer:
     async def _dead_letter(self, message: AbstractIncomingMessage, error: BadCommandError) -> None:
         reason = f"{error.code}: {error.message}"
         log.warning("command_dead_lettered", reason=reason)
-        await self._dead_letters.publish(dead_letter_message(message, reason), routing_key="")
+        await self._dead_letters.publish(
+            dead_letter_message(message, reason, max_body_bytes=self._max_message_bytes),
+            routing_key="",
+        )
         command_id = (
             error.envelope.command_id if error.envelope else _uuid_or_nil(message.message_id)
         )

@@ -3,11 +3,15 @@
 ```
 cqrs.events (topic) --#--> cqrs.projector.partitioned (x-consistent-hash on header aggregate_id)
     --weight 1--> cqrs.projector.p0 .. p{P-1}  (single active consumer, dead letters -> parked)
-cqrs.projector.parked (fanout) --> cqrs.projector.parked
+cqrs.projector.parked (fanout) --> cqrs.projector.parked  (bounded; full: refuses, see below)
 ```
 
 Every replica consumes all P queues; single-active-consumer lets one replica at a time deliver from
 each queue, so the events of one aggregate (always hashed to the same queue) stay in order.
+
+The parked queue is bounded in messages and bytes with `reject-publish`: parked events are
+accepted events that a read model lacks, so the broker never drops one to make room; a full queue
+refuses the park (`ParkedQueueFullError`) and the projector keeps the event in its partition.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from aio_pika.abc import (
     HeadersType,
 )
 
-from shared.amqp import copy_message
+from shared.amqp import QueueBounds, copy_message, declare_bounded_queue
 from shared.topology import (
     AGGREGATE_ID_HEADER,
     EVENTS_EXCHANGE,
@@ -84,8 +88,8 @@ def parked_exchange() -> ExchangeSpec:
     return ExchangeSpec(PROJECTOR_PARKED_EXCHANGE, aio_pika.ExchangeType.FANOUT)
 
 
-def parked_queue() -> QueueSpec:
-    return QueueSpec(PROJECTOR_PARKED_QUEUE, source=PROJECTOR_PARKED_EXCHANGE, routing_key="")
+def parked_bounds(max_messages: int, max_bytes: int) -> QueueBounds:
+    return QueueBounds(max_messages, max_bytes, overflow="reject-publish")
 
 
 def partition_queue(index: int) -> QueueSpec:
@@ -105,6 +109,7 @@ class ProjectorTopology:
     """Everything the projector declares for `partitions` partition queues."""
 
     partitions: int
+    parked: QueueBounds
 
     @property
     def exchanges(self) -> tuple[ExchangeSpec, ...]:
@@ -153,15 +158,21 @@ async def declare_projector_topology(
         await declare_exchange(channel, spec) for spec in topology.exchanges
     ]
     await partitioned.bind(events, "#")
-    parked_q = await declare_queue(channel, parked_queue())
+    parked_q = await declare_bounded_queue(channel, PROJECTOR_PARKED_QUEUE, topology.parked)
+    await parked_q.bind(parked, "")
     queues = tuple([await declare_queue(channel, spec) for spec in topology.partition_queues])
     return DeclaredTopology(partition_queues=queues, parked_exchange=parked, parked_queue=parked_q)
+
+
+class ParkedQueueFullError(Exception):
+    """The parked queue is at its bound and refused the event; the original must stay queued."""
 
 
 class AmqpParker:
     """Moves a message that cannot be projected to the parked exchange, reason in its headers.
 
-    The publish is confirmed by the broker before it returns, so the caller may ack the original.
+    The publish is confirmed by the broker before it returns, so the caller may ack the original;
+    a negative confirm (the parked queue is full) raises `ParkedQueueFullError`.
     """
 
     def __init__(self, exchange: AbstractExchange) -> None:
@@ -172,9 +183,14 @@ class AmqpParker:
         headers[REASON_HEADER] = reason[:MAX_REASON_LENGTH]
         headers[ORIGINAL_EXCHANGE_HEADER] = message.exchange or ""
         headers[ORIGINAL_ROUTING_KEY_HEADER] = message.routing_key or ""
-        await self._exchange.publish(
-            copy_message(message, headers), routing_key=message.routing_key or ""
-        )
+        try:
+            await self._exchange.publish(
+                copy_message(message, headers), routing_key=message.routing_key or ""
+            )
+        except aio_pika.exceptions.DeliveryError as e:
+            raise ParkedQueueFullError(
+                f"{PROJECTOR_PARKED_QUEUE} refused the event (at its length or byte bound)"
+            ) from e
 
 
 class BrokerLink:

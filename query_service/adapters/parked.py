@@ -17,10 +17,11 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import ChannelNotFoundEntity
 
 from query_service.adapters import broker
 from shared.amqp import copy_message
-from shared.topology import AGGREGATE_ID_HEADER, REASON_HEADER
+from shared.topology import AGGREGATE_ID_HEADER, PROJECTOR_PARKED_QUEUE, REASON_HEADER
 
 BODY_PREVIEW_CHARS = 300
 
@@ -91,18 +92,29 @@ def _int(value: object) -> int | None:
         return None
 
 
-async def _parked_queue(channel: AbstractChannel) -> AbstractQueue:
-    await broker.declare_exchange(channel, broker.parked_exchange())
-    return await broker.declare_queue(channel, broker.parked_queue())
+async def _parked_queue(channel: AbstractChannel) -> AbstractQueue | None:
+    """The parked queue as the projector declared it (bounds included), None before it has.
+
+    Passive: a declaration with other arguments than the projector's would be refused.
+    """
+    try:
+        return await channel.declare_queue(PROJECTOR_PARKED_QUEUE, passive=True)
+    except ChannelNotFoundEntity:
+        return None
+
+
+async def _close(channel: AbstractChannel) -> None:
+    if not channel.is_closed:
+        await channel.close()
 
 
 async def parked_count(connection: AbstractConnection) -> int:
     channel = await connection.channel()
     try:
         queue = await _parked_queue(channel)
-        return int(queue.declaration_result.message_count or 0)
+        return 0 if queue is None else int(queue.declaration_result.message_count or 0)
     finally:
-        await channel.close()
+        await _close(channel)
 
 
 async def list_parked(connection: AbstractConnection, *, limit: int = 100) -> list[ParkedEvent]:
@@ -114,14 +126,14 @@ async def list_parked(connection: AbstractConnection, *, limit: int = 100) -> li
     try:
         queue = await _parked_queue(channel)
         found: list[ParkedEvent] = []
-        while len(found) < limit:
+        while queue is not None and len(found) < limit:
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
             found.append(describe(message))
         return found
     finally:
-        await channel.close()
+        await _close(channel)
 
 
 async def replay_parked(
@@ -148,6 +160,8 @@ async def _move(
     channel = await connection.channel(publisher_confirms=True)
     try:
         queue = await _parked_queue(channel)
+        if queue is None:
+            return ParkedReplay(moved=0, left=0)
         exchange = await broker.declare_exchange(channel, broker.partition_exchange())
         waiting = int(queue.declaration_result.message_count or 0)
         moved = left = 0
@@ -166,7 +180,7 @@ async def _move(
             moved += 1
         return ParkedReplay(moved=moved, left=left)
     finally:
-        await channel.close()
+        await _close(channel)
 
 
 def _replayed(message: AbstractIncomingMessage) -> aio_pika.Message:

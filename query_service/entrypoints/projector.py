@@ -5,6 +5,8 @@
 - an event no projection handles: ack, nothing to do;
 - transient MongoDB errors: retry with bounded backoff, then nack with requeue;
 - any other error: log it with its traceback and park the message, so nothing is lost;
+- the parked queue full (it refuses rather than drops): hold the message a while, then requeue
+  it, so it stays in its partition until an operator makes room;
 - ack only after the read-model write is done.
 
 Each delivery runs in a task of the driver's; whatever escapes the policy above (a failure to
@@ -34,6 +36,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from query_service.adapters.broker import ParkedQueueFullError
 from query_service.adapters.mongo import TRANSIENT_ERRORS
 from query_service.entrypoints.lanes import AggregateLanes
 from query_service.metrics import ProjectorMetrics
@@ -129,11 +132,13 @@ class ProjectorConsumer:
         max_body_bytes: int = MAX_BODY_BYTES,
         metrics: ProjectorMetrics | None = None,
         supervisor: Supervisor | None = None,
+        park_retry_seconds: float = 5.0,
     ) -> None:
         self.metrics = metrics if metrics is not None else ProjectorMetrics()
         self._supervisor = supervisor if supervisor is not None else Supervisor()
         self._handler = handler
         self._parker = parker
+        self._park_retry_seconds = park_retry_seconds
         self._retry_policy = retry_policy
         self._max_body_bytes = max_body_bytes
         self._lanes = AggregateLanes()
@@ -341,6 +346,20 @@ class ProjectorConsumer:
             return
         try:
             await self._parker.park(message, reason)
+        except ParkedQueueFullError as e:
+            self.metrics.park_refused += 1
+            log.error(
+                "event_not_parked_queue_full",
+                reason=reason,
+                error=str(e),
+                retry_seconds=self._park_retry_seconds,
+                park_refused_total=self.metrics.park_refused,
+            )
+            # Held before it goes back: the queue refuses until someone makes room, and an
+            # immediate requeue would spin on it. Its aggregate's later events wait behind it.
+            await asyncio.sleep(self._park_retry_seconds)
+            await self._requeue(message, key)
+            return
         except CONNECTION_EXCEPTIONS as e:
             log.error("event_park_failed", reason=reason, error=repr(e))
             await self._requeue(message, key)

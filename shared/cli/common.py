@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from shared.client import BrokerRefusedError, BrokerUnavailableError
 from shared.settings import CliSettings
 
 T = TypeVar("T")
@@ -72,9 +73,16 @@ def query_url(given: str | None) -> str:
 
 # Connection failures worth a one-line message rather than a traceback.
 UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (
+    BrokerUnavailableError,
     OSError,
     aio_pika.exceptions.AMQPConnectionError,
 )
+
+
+def broker_unavailable(error: BaseException) -> NoReturn:
+    """The one way every command says the broker is not there: a short error, exit code 2."""
+    text = str(error).removeprefix("broker unavailable: ") or type(error).__name__
+    fail(f"broker unavailable: {text}", EXIT_UNREACHABLE)
 
 
 def run(work: Coroutine[Any, Any, T]) -> T:
@@ -82,7 +90,9 @@ def run(work: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(work)
     except UNREACHABLE_ERRORS as e:
-        fail(f"cannot reach the broker: {e}", EXIT_UNREACHABLE)
+        broker_unavailable(e)
+    except BrokerRefusedError as e:
+        fail(str(e))
 
 
 def auth_headers() -> dict[str, str]:

@@ -5,6 +5,10 @@ closes, in their order, so looking loses nothing (also when the tool is interrup
 publishes each chosen message to `cqrs.commands` again, with its original routing key and
 headers minus those dead-lettering added, and acks it in the dead-letter queue only after the
 broker confirmed that publish. A replayed command that is still bad is dead-lettered again.
+
+A dead letter whose body was cut (a command over the size limit: the copy keeps a prefix, the
+original size and SHA-256 in its headers) is listed as truncated and never replayed: what is
+left of it is not the command that was sent.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shared import topology
-from shared.amqp import copy_message
+from shared.amqp import copy_message, truncation
 from shared.cli.common import (
     EXIT_ERROR,
     EXIT_UNREACHABLE,
@@ -57,6 +61,13 @@ class DeadLetter:
     issued_at: str | None
     age_seconds: float | None
     body: str
+    # Set when the copy's body is only a prefix of the command's: its original size and SHA-256.
+    original_size: int | None = None
+    original_sha256: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.original_size is not None
 
 
 def _text(value: object) -> str | None:
@@ -88,6 +99,7 @@ def describe(message: AbstractIncomingMessage, now: datetime) -> DeadLetter:
             body = parsed
     except ValueError:
         pass
+    cut = truncation(message.headers)
     metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
     issued = _instant(metadata.get("issued_at") if metadata else None) or message.timestamp
     if issued is not None and issued.tzinfo is None:
@@ -102,6 +114,8 @@ def describe(message: AbstractIncomingMessage, now: datetime) -> DeadLetter:
         issued_at=None if issued is None else issued.isoformat(),
         age_seconds=None if issued is None else round((now - issued).total_seconds(), 1),
         body=message.body[:BODY_PREVIEW_CHARS].decode("utf-8", errors="replace"),
+        original_size=None if cut is None else cut[0],
+        original_sha256=None if cut is None else cut[1],
     )
 
 
@@ -186,6 +200,18 @@ async def replay_dead_letters(url: str, *, command_ids: Collection[str] | None) 
             if command_ids is not None and message.message_id not in command_ids:
                 result.left += 1  # back to the queue, in its place, when the channel closes
                 continue
+            cut = truncation(message.headers)
+            if cut is not None:
+                result.left += 1
+                result.skipped.append(
+                    {
+                        "command_id": message.message_id,
+                        "why": f"truncated: the dead letter keeps {len(message.body):,} of the "
+                        f"command's {cut[0]:,} bytes (sha256 {cut[1]}), so it cannot be "
+                        "replayed; the sender must send the command again",
+                    }
+                )
+                continue
             routing_key = _original_routing_key(message)
             if not routing_key:
                 result.left += 1
@@ -234,10 +260,17 @@ def list_command(
     """Show dead-lettered commands, oldest first: reason, type, command id, age. They stay."""
     waiting, letters = _broker_call(list_dead_letters(amqp_url(amqp), limit=limit))
     if as_json:
-        print_json({"waiting": waiting, "messages": [asdict(letter) for letter in letters]})
+        print_json(
+            {
+                "waiting": waiting,
+                "messages": [
+                    {**asdict(letter), "truncated": letter.truncated} for letter in letters
+                ],
+            }
+        )
         return
     table = Table(title=f"{topology.COMMAND_DEAD_LETTER_QUEUE}: {waiting} dead-lettered")
-    for column in ("#", "command id", "type", "routing key", "age", "reason"):
+    for column in ("#", "command id", "type", "routing key", "age", "reason", "body"):
         table.add_column(column, overflow="fold")
     for index, letter in enumerate(letters, 1):
         table.add_row(
@@ -247,6 +280,9 @@ def list_command(
             Text(letter.routing_key or "-"),
             _age(letter.age_seconds),
             Text(letter.reason, style="red"),
+            Text(f"truncated (of {letter.original_size:,} bytes)", style="yellow")
+            if letter.original_size is not None
+            else Text("whole"),
         )
     out().print(table)
     if waiting > len(letters):

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shared.cli.common import EXIT_ERROR, AmqpOption, JsonOption, amqp_url, out, print_json, run
-from shared.client import CommandClient, CommandTimeoutError
+from shared.client import CommandClient, CommandClientError, CommandTimeoutError
 from shared.load import Cmd, Mix, Workload, latency_summary_ms
 
 DEFAULT_MIX = "open=1,deposit=4,withdraw=3,transfer=2"
@@ -77,7 +77,7 @@ async def drive(
             )
         except CommandTimeoutError:
             tally.statuses["timeout"] += 1
-        except (ConnectionError, OSError) as e:
+        except CommandClientError as e:  # broker unavailable or refusing: counted by kind
             tally.errors[type(e).__name__] += 1
         else:
             tally.latencies.append(time.perf_counter() - sent_at)

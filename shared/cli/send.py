@@ -50,13 +50,17 @@ def send(
         str | None, typer.Option(help="for command types the ledger does not define")
     ] = None,
     wait: Annotated[bool, typer.Option(help="wait for the reply")] = True,
-    timeout: Annotated[float, typer.Option(help="seconds to wait for the reply")] = 10.0,
+    timeout: Annotated[
+        float, typer.Option(help="seconds to wait for the broker and the reply")
+    ] = 10.0,
     as_json: JsonOption = False,
     amqp: AmqpOption = None,
 ) -> None:
     """Publish a command and show the reply.
 
-    Exit 0: accepted (or a duplicate); 1: rejected; 2: no reply in time or no broker.
+    Exit 0: accepted (or a duplicate); 1: rejected, or refused by the broker; 2: no reply in
+    time, no command service, or the broker unavailable (also when it does not come back
+    within --timeout).
     """
     target = aggregate_type or AGGREGATE_TYPES.get(command_type)
     if target is None:
@@ -87,31 +91,25 @@ async def _send(
     timeout: float,
     as_json: bool,
 ) -> int:
+    # BrokerUnavailableError and BrokerRefusedError go to `run`: exit 2 and 1.
     try:
-        client = await CommandClient.connect(url)
-    except CommandServiceUnavailableError as e:
+        async with await CommandClient.connect(url, timeout=timeout) as client:
+            if not wait:
+                await client.publish(envelope, aggregate_type, reply=False, timeout=timeout)
+                sent = {
+                    "command_id": str(envelope.command_id),
+                    "status": "sent",
+                    "aggregate_id": str(envelope.aggregate_id),
+                }
+                if as_json:
+                    typer.echo(json.dumps(sent))
+                else:
+                    _show(sent, envelope.type)
+                return 0
+            reply = await client.send(envelope, aggregate_type, timeout=timeout)
+    except (CommandTimeoutError, CommandServiceUnavailableError) as e:
         err_console().print(f"[bold red]error:[/] {escape(str(e))}")
         return EXIT_UNREACHABLE
-    try:
-        if not wait:
-            await client.publish(envelope, aggregate_type, reply=False)
-            sent = {
-                "command_id": str(envelope.command_id),
-                "status": "sent",
-                "aggregate_id": str(envelope.aggregate_id),
-            }
-            if as_json:
-                typer.echo(json.dumps(sent))
-            else:
-                _show(sent, envelope.type)
-            return 0
-        try:
-            reply = await client.send(envelope, aggregate_type, timeout=timeout)
-        except CommandTimeoutError as e:
-            err_console().print(f"[bold red]error:[/] {escape(str(e))}")
-            return EXIT_UNREACHABLE
-    finally:
-        await client.close()
     if as_json:
         typer.echo(reply.model_dump_json(indent=2))
     else:

@@ -46,7 +46,13 @@ import httpx
 from command_service.adapters.event_store import read_all
 from command_service.adapters.migrations import migrate_schema
 from shared import topology
-from shared.client import CommandClient, CommandTimeoutError, envelope_for
+from shared.client import (
+    BrokerUnavailableError,
+    CommandClient,
+    CommandClientError,
+    CommandTimeoutError,
+    envelope_for,
+)
 from shared.ledger import (
     DepositMoney,
     FreezeAccount,
@@ -122,6 +128,8 @@ class Tally:
     invalid_sent: int = 0
     resent: int = 0
     no_reply: int = 0
+    # Any other error of the client SDK, by name (the broker refusing a command, say).
+    client_errors: collections.Counter[str] = field(default_factory=collections.Counter)
     statuses: collections.Counter[str] = field(default_factory=collections.Counter)
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -183,8 +191,11 @@ class Driver:
         self.tally.sent += 1
         try:
             reply = await self.client.send(envelope, aggregate_type, timeout=30)
-        except CommandTimeoutError:
+        except (CommandTimeoutError, BrokerUnavailableError):
             self.tally.no_reply += 1
+            return
+        except CommandClientError as e:
+            self.tally.client_errors[type(e).__name__] += 1
             return
         self.record(reply)
 
@@ -209,11 +220,14 @@ class Driver:
         )
         self.tally.sent += 1
         self.tally.invalid_sent += 1
-        connection = await aio_pika.connect(self.amqp_url)
-        async with connection:
-            channel = await connection.channel()
-            exchange = await channel.get_exchange(topology.COMMANDS_EXCHANGE)
-            await exchange.publish(aio_pika.Message(body), routing_key="account.Invalid")
+        try:
+            connection = await aio_pika.connect(self.amqp_url)
+            async with connection:
+                channel = await connection.channel()
+                exchange = await channel.get_exchange(topology.COMMANDS_EXCHANGE)
+                await exchange.publish(aio_pika.Message(body), routing_key="account.Invalid")
+        except aio_pika.exceptions.CONNECTION_EXCEPTIONS as e:  # a fault while sending it
+            self.tally.client_errors[f"invalid not sent: {type(e).__name__}"] += 1
 
     async def run(self, seconds: float, rate: float, concurrency: int = 8) -> None:
         deadline = time.monotonic() + seconds
@@ -576,6 +590,7 @@ async def main(args: argparse.Namespace) -> int:
             *((f"  {code}", n) for code, n in sorted(tally.reasons.items())),
             ("duplicates suppressed (status duplicate)", tally.statuses["duplicate"]),
             ("no reply within 30 s (outage)", tally.no_reply),
+            *((f"  client error {name}", n) for name, n in sorted(tally.client_errors.items())),
             ("dead-lettered", await chaos.dead_lettered()),
             ("events stored", len(events)),
             (

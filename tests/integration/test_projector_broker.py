@@ -17,6 +17,7 @@ from query_service.adapters.broker import (
     ORIGINAL_ROUTING_KEY_HEADER,
     ProjectorTopology,
     declare_projector_topology,
+    parked_bounds,
 )
 from query_service.adapters.mongo import Document, create_client
 from query_service.bootstrap import ProjectorRuntime, start_projector
@@ -260,7 +261,9 @@ async def test_declares_single_active_consumer_partitions(
 
 
 async def test_partitions_by_aggregate_id_over_all_queues(channel: AbstractChannel) -> None:
-    topology = await declare_projector_topology(channel, ProjectorTopology(PARTITIONS))
+    topology = await declare_projector_topology(
+        channel, ProjectorTopology(PARTITIONS, parked=parked_bounds(1_000, 1_048_576))
+    )
     exchange = await channel.get_exchange(EVENTS_EXCHANGE)
     account_ids = [uuid4() for _ in range(200)]
     for account_id in account_ids:

@@ -1,4 +1,5 @@
-"""The broker users docker-compose creates: their passwords, and that the services use them.
+"""The broker docker-compose runs: its users and their passwords, that the services use them, and
+its message size limit (the same in the Kubernetes example, consistent with the services').
 
 The permissions themselves are proven against a real broker by the tests of
 `scripts/rabbitmq-users` (test_broker_permissions.py, test_query_permissions.py), which reads
@@ -16,10 +17,15 @@ from urllib.parse import urlsplit
 
 import yaml  # type: ignore[import-untyped]
 
+from query_service.entrypoints.projector import MAX_BODY_BYTES
+from shared.amqp import TRUNCATED_BODY_BYTES
+from shared.settings import CommandServiceSettings
+
 ROOT = Path(__file__).parents[2]
 DEFINITIONS = ROOT / "scripts" / "docker" / "rabbitmq" / "definitions.json"
 CONFIG = ROOT / "scripts" / "docker" / "rabbitmq" / "rabbitmq.conf"
 COMPOSE = ROOT / "docker-compose.yml"
+K8S_BROKER = ROOT / "deploy" / "k8s" / "base" / "rabbitmq.example.yaml"
 
 
 def definitions() -> dict[str, Any]:
@@ -73,3 +79,28 @@ def test_compose_loads_the_definitions_at_boot() -> None:
     loaded = CONFIG.read_text().split("load_definitions =")[1].split()[0]
     assert mounts[loaded] == "./scripts/docker/rabbitmq/definitions.json"
     assert mounts["/etc/rabbitmq/rabbitmq.conf"] == "./scripts/docker/rabbitmq/rabbitmq.conf"
+
+
+def config_values(text: str) -> dict[str, str]:
+    """`key = value` lines of a rabbitmq.conf (sysctl format), comments left out."""
+    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line.split("#")[0])
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def test_the_broker_limits_message_size_the_same_in_compose_and_kubernetes() -> None:
+    compose = config_values(CONFIG.read_text())
+    config_map = yaml.safe_load(K8S_BROKER.read_text())
+    (kubernetes_conf,) = config_map["data"].values()
+    assert compose["max_message_size"] == config_values(kubernetes_conf)["max_message_size"]
+
+
+def test_the_message_size_limit_fits_commands_events_and_dead_letters() -> None:
+    limit = int(config_values(CONFIG.read_text())["max_message_size"])
+    commands = CommandServiceSettings.model_fields["max_message_bytes"].default
+    # An oversized command still reaches the command service (answered `message_too_large`);
+    # an event carries a command's data in an envelope, so it may be larger than the command.
+    assert limit >= 2 * commands
+    # A dead letter's copy of a body over the command limit is cut far below the broker's.
+    assert TRUNCATED_BODY_BYTES <= commands < limit
+    # Every event the broker admits is one the projector reads rather than parks as too large.
+    assert limit <= MAX_BODY_BYTES

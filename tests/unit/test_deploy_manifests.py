@@ -39,7 +39,7 @@ OLDEST_KUBERNETES = "1.28"
 KUBERNETES_VERSIONS = [OLDEST_KUBERNETES, kubernetes_validate.utils.latest_version()]
 
 # Manifests no kustomization names on purpose.
-UNREFERENCED = {BASE / "secret.example.yaml"}
+UNREFERENCED = {BASE / "secret.example.yaml", BASE / "rabbitmq.example.yaml"}
 
 UID = 10001  # the image's USER (scripts/docker/Dockerfile)
 HTTP_PORT = 8000
@@ -354,6 +354,7 @@ COUNTERS = {
     "cqrs_events_projected_total": {"event_type"},
     "cqrs_duplicates_suppressed_total": set(),
     "cqrs_parked_events_total": set(),
+    "cqrs_park_refused_total": set(),
 }
 GAUGES: dict[str, set[str]] = {
     "cqrs_relay_backlog_events": set(),

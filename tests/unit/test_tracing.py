@@ -12,7 +12,12 @@ from typing import Any, cast
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -52,7 +57,7 @@ class RecordingExchange:
 def client_on(exchange: RecordingExchange) -> CommandClient:
     return CommandClient(
         cast(AbstractRobustConnection, None),
-        cast(AbstractChannel, None),
+        cast(AbstractRobustChannel, None),
         cast(AbstractExchange, exchange),
         cast(AbstractQueue, None),
     )
