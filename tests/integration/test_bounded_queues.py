@@ -54,7 +54,7 @@ async def take(queue: aio_pika.abc.AbstractQueue, timeout: float = 10.0) -> Abst
 
 async def send_bad(channel: AbstractChannel, body: bytes) -> str:
     """Publish a command that is not JSON; return its id once its rejection came back."""
-    replies = await channel.declare_queue(exclusive=True)
+    replies = await channel.declare_queue(f"cqrs.reply.{uuid.uuid4().hex}", exclusive=True)
     commands = await channel.get_exchange(topology.COMMANDS_EXCHANGE)
     command_id = str(uuid.uuid4())
     await commands.publish(
