@@ -51,6 +51,8 @@ async def serve(settings: QueryServiceSettings) -> None:
     api_task: asyncio.Task[None] | None = None
     try:
         if service.app is not None:
+            # No `limit_concurrency`: uvicorn counts connections with it, so idle ones would
+            # make the probes fail. The app sheds by requests in flight instead (limits.py).
             server = ApiServer(
                 uvicorn.Config(
                     service.app,
@@ -58,8 +60,6 @@ async def serve(settings: QueryServiceSettings) -> None:
                     port=settings.http_port,
                     log_config=None,
                     access_log=False,
-                    # Beyond it, 503 at once instead of a queue that grows with the flood.
-                    limit_concurrency=settings.http_max_concurrency,
                     lifespan="on",
                 )
             )

@@ -105,7 +105,8 @@ class QueryServiceSettings(CommonSettings):
     http_max_concurrency: int = Field(
         default=256,
         ge=1,
-        description="requests served at once by one replica; more get 503 at once",
+        description="requests served at once by one replica, the probes not counted; more get "
+        "503 at once",
     )
     api_token: SecretStr | None = Field(
         default=None,

@@ -43,7 +43,7 @@ from query_service.adapters.mongo import (
     create_client,
 )
 from query_service.adapters.read_models import ReadModelCatalog, RebuildConflictError
-from query_service.entrypoints.limits import RequestTimeout
+from query_service.entrypoints.limits import InFlightLimit, RequestTimeout
 from query_service.metrics import UNMATCHED_ROUTE, ProjectorMetrics, QueryMetrics
 from query_service.projections.ledger import build_catalog
 from query_service.service_layer.rebuild import RebuildPolicy, RebuildProgress
@@ -749,8 +749,10 @@ def create_app(
     app = FastAPI(title="cqrs-ledger query API", version="0.2.0", lifespan=lifespan)
     prometheus = QueryMetrics(projector=metrics)
     app.state.prometheus = prometheus
+    # Each one added wraps the ones before: the last is the outermost.
     app.add_middleware(RequestTimeout, seconds=settings.http_request_timeout_seconds)
-    # Added last, so outermost: a request the timeout cut off is timed too, as a 503.
+    app.add_middleware(InFlightLimit, limit=settings.http_max_concurrency, prometheus=prometheus)
+    # Outermost: every answer is timed, the refusals of the limits too.
     app.add_middleware(RequestTimer, prometheus=prometheus)
     app.include_router(probes)
     if settings.api_token is None:

@@ -1,8 +1,14 @@
-"""Limits on the HTTP API, so a flood of slow requests cannot hold the process.
+"""Limits on the HTTP API, so no flood of requests can hold the process or starve its probes.
 
-Together with uvicorn's `limit_concurrency` (requests beyond it get 503 at once, see
-`query_service/__main__.py`) and the page-size cap of every list route, this bounds the work
-and the memory one replica takes on.
+From the outside in (see `create_app`):
+
+- `InFlightLimit`: at most `CQRS_HTTP_MAX_CONCURRENCY` requests are served at once; beyond it, 503
+  at once. Requests are counted, not connections, and the probes are never refused, so idle
+  connections cannot make `/healthz` fail.
+- `RequestTimeout`: a request not answered in time gets 503 and is cancelled.
+
+A refusal answers `{"detail": ..., "reason": <code>}` (the request timeout's, `{"detail": ...}`);
+a 503 carries `Retry-After`.
 """
 
 from __future__ import annotations
@@ -12,7 +18,75 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from query_service.metrics import QueryMetrics
+
+# Reason codes of the refusals, in the body and as the label of `cqrs_http_refused_total`.
+OVERLOADED = "overloaded"
+
 TIMEOUT_BODY = json.dumps({"detail": "the request took too long; try again"}).encode()
+
+# Liveness, readiness and metrics: an orchestrator must reach them however busy the API is.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def refusal_body(detail: str, reason: str) -> bytes:
+    return json.dumps({"detail": detail, "reason": reason}).encode()
+
+
+async def refuse(send: Send, status: int, detail: str, reason: str) -> None:
+    """Answer the request with `status` and a reason code; a 503 says when to come back."""
+    body = refusal_body(detail, reason)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _count(prometheus: QueryMetrics | None, reason: str) -> None:
+    if prometheus is not None:
+        prometheus.http_refused.labels(reason).inc()
+
+
+class InFlightLimit:
+    """Answers 503 (with `Retry-After`) at once to a request beyond `limit` being served.
+
+    Requests in flight are counted, not connections: a connection that sends nothing costs no
+    slot. The probes (`PROBE_PATHS`) are neither counted nor refused.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit: int, prometheus: QueryMetrics | None = None) -> None:
+        self._app = app
+        self._limit = limit
+        self._prometheus = prometheus
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            await self._app(scope, receive, send)
+            return
+        if self.in_flight >= self._limit:
+            _count(self._prometheus, OVERLOADED)
+            await refuse(
+                send,
+                503,
+                f"this replica is serving {self._limit} requests already; try again",
+                OVERLOADED,
+            )
+            return
+        self._moved(+1)
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self._moved(-1)
+
+    def _moved(self, by: int) -> None:
+        self.in_flight += by
+        if self._prometheus is not None:
+            self._prometheus.http_requests_in_flight.set(self.in_flight)
 
 
 class RequestTimeout:

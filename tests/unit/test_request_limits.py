@@ -1,4 +1,5 @@
-"""The API's request timeout: a slow request gets 503 and the process goes on answering."""
+"""The API's request limits: a slow request gets 503 and the process goes on answering; each
+limit takes its value from the settings."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from query_service.entrypoints.http import create_app
-from query_service.entrypoints.limits import RequestTimeout
+from query_service.entrypoints.limits import InFlightLimit, RequestTimeout
 from shared.settings import QueryServiceSettings
 
 
@@ -55,11 +56,18 @@ async def test_a_timeout_raised_by_the_handler_itself_is_not_reported_as_the_lim
     assert response.status_code == 500
 
 
-def test_the_query_api_applies_the_timeout_of_its_settings() -> None:
-    settings = QueryServiceSettings(http_request_timeout_seconds=12.5)
+def test_the_query_api_applies_the_limits_of_its_settings() -> None:
+    settings = QueryServiceSettings(
+        http_request_timeout_seconds=12.5,
+        http_max_concurrency=7,
+    )
     app = create_app(settings)
-    limits = [m for m in app.user_middleware if m.cls is cast(object, RequestTimeout)]
-    assert [m.kwargs for m in limits] == [{"seconds": 12.5}]
+
+    def applied(middleware: type[object], name: str) -> list[object]:
+        return [m.kwargs[name] for m in app.user_middleware if m.cls is cast(object, middleware)]
+
+    assert applied(RequestTimeout, "seconds") == [12.5]
+    assert applied(InFlightLimit, "limit") == [7]
 
 
 def test_a_request_timeout_shorter_than_the_read_wait_is_refused() -> None:
