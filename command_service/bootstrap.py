@@ -147,7 +147,12 @@ async def start(settings: CommandServiceSettings) -> CommandService:
     service.tasks.append(asyncio.create_task(leases.run(), name="partition-leases"))
     vitals = Vitals(pool, amqp, leases, consumer, relay, metrics, replica_name())
     try:
-        service.http = await serve(create_app(vitals), settings.http_host, settings.http_port)
+        service.http = await serve(
+            create_app(vitals),
+            settings.http_host,
+            settings.http_port,
+            header_timeout=settings.http_header_timeout_seconds,
+        )
     except BaseException:
         await service.stop()
         raise

@@ -17,6 +17,7 @@ import structlog
 import uvicorn
 
 from query_service.bootstrap import bootstrap
+from shared.http_server import server_config
 from shared.logging import configure_logging
 from shared.settings import QueryServiceSettings
 from shared.tracing import configure_tracing, shutdown_tracing
@@ -54,12 +55,11 @@ async def serve(settings: QueryServiceSettings) -> None:
             # No `limit_concurrency`: uvicorn counts connections with it, so idle ones would
             # make the probes fail. The app sheds by requests in flight instead (limits.py).
             server = ApiServer(
-                uvicorn.Config(
+                server_config(
                     service.app,
+                    header_timeout=settings.http_header_timeout_seconds,
                     host=settings.http_host,
                     port=settings.http_port,
-                    log_config=None,
-                    access_log=False,
                     lifespan="on",
                 )
             )

@@ -83,6 +83,13 @@ class CommandServiceSettings(CommonSettings):
     http_port: int = Field(
         default=8001, ge=0, le=65_535, description="their port (`0`: a free one)"
     )
+    http_header_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="a connection that has not sent a whole request head this long after it "
+        "opened (or after its last response) is closed",
+    )
 
 
 class QueryServiceSettings(CommonSettings):
@@ -107,6 +114,13 @@ class QueryServiceSettings(CommonSettings):
         ge=1,
         description="requests served at once by one replica, the probes not counted; more get "
         "503 at once",
+    )
+    http_header_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="a connection that has not sent a whole request head this long after it "
+        "opened (or after its last response) is closed",
     )
     api_token: SecretStr | None = Field(
         default=None,

@@ -31,6 +31,7 @@ from command_service.adapters.relay import RELAY_SUBSCRIPTION
 from command_service.adapters.subscription import Subscription
 from command_service.entrypoints.commands import CommandConsumer
 from command_service.metrics import CommandMetrics
+from shared.http_server import server_config
 
 log = structlog.get_logger(__name__)
 
@@ -210,13 +211,16 @@ class HttpEndpoint:
         self.listener.close()
 
 
-async def serve(app: FastAPI, host: str, port: int) -> HttpEndpoint:
-    """Bind `host`:`port` (0: any free port) and serve `app` on it from this event loop."""
+async def serve(app: FastAPI, host: str, port: int, *, header_timeout: float) -> HttpEndpoint:
+    """Bind `host`:`port` (0: any free port) and serve `app` on it from this event loop.
+
+    A connection that has not sent a request head within `header_timeout` seconds is closed.
+    """
     loop = asyncio.get_running_loop()
     family = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0][0]
     listener = socket.create_server((host, port), family=family)
     bound = int(listener.getsockname()[1])
-    server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+    server = _Server(server_config(app, header_timeout=header_timeout, lifespan="off"))
     endpoint = HttpEndpoint(
         server,
         asyncio.create_task(server.serve(sockets=[listener]), name="http-endpoint"),

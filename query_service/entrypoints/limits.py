@@ -4,7 +4,7 @@ From the outside in (see `create_app`):
 
 - `InFlightLimit`: at most `CQRS_HTTP_MAX_CONCURRENCY` requests are served at once; beyond it, 503
   at once. Requests are counted, not connections, and the probes are never refused, so idle
-  connections cannot make `/healthz` fail.
+  connections cannot make `/healthz` fail (the server closes those: `shared.http_server`).
 - `RequestTimeout`: a request not answered in time gets 503 and is cancelled.
 
 A refusal answers `{"detail": ..., "reason": <code>}` (the request timeout's, `{"detail": ...}`);

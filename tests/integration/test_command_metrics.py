@@ -4,9 +4,11 @@ database."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -174,3 +176,26 @@ async def test_services_in_one_process_each_serve_their_own_metrics(
                 assert ("cqrs_partitions_owned", ()) in samples
     finally:
         await other.stop()
+
+
+async def test_a_connection_without_a_request_head_is_closed_after_the_header_timeout(
+    command_settings: CommandServiceSettings,
+) -> None:
+    service = await start(command_settings.model_copy(update={"http_header_timeout_seconds": 1}))
+    try:
+        assert service.http is not None
+        opened = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.http.port)
+        try:
+            while await asyncio.wait_for(reader.read(65536), 10):
+                pass
+            closed_after = time.monotonic() - opened
+        finally:
+            writer.close()
+        async with httpx.AsyncClient(base_url=endpoint(service), timeout=5) as http:
+            health = await http.get("/healthz")
+    finally:
+        await service.stop()
+
+    assert 0.9 <= closed_after < 3, closed_after
+    assert health.status_code == 200

@@ -88,3 +88,69 @@ async def test_idle_connections_starve_neither_the_probe_nor_a_read(launch: Laun
     assert read.json()["balance"] == 10
     assert health_took < PROMPT_SECONDS
     assert read_took < PROMPT_SECONDS
+
+
+async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> bytes:
+    """One HTTP/1.1 request on a raw connection that stays open; the response's status line."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: api\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+    return head.split(b"\r\n", 1)[0]
+
+
+async def _closed_after(reader: asyncio.StreamReader, since: float) -> float:
+    """Seconds from `since` until the server closed the connection (EOF)."""
+    while await asyncio.wait_for(reader.read(65536), 10):
+        pass
+    return time.monotonic() - since
+
+
+async def test_a_connection_without_a_request_head_is_closed_after_the_header_timeout(
+    launch: Launch,
+) -> None:
+    api = await launch(CQRS_HTTP_HEADER_TIMEOUT_SECONDS="1", CQRS_READ_WAIT_SECONDS="2")
+    opened = time.monotonic()
+    silent_reader, silent = await asyncio.open_connection(api.host, api.port)
+    partial_reader, partial = await asyncio.open_connection(api.host, api.port)
+    partial.write(b"GET /healthz HTTP/1.1\r\nHost: api\r\n")  # the head never ends
+    kept_reader, kept = await asyncio.open_connection(api.host, api.port)
+    slow_reader, slow = await asyncio.open_connection(api.host, api.port)
+
+    async def kept_alive() -> tuple[bytes, float]:
+        status = await _request(kept_reader, kept, "/healthz")
+        return status, await _closed_after(kept_reader, time.monotonic())
+
+    async def slow_read() -> tuple[bytes, float]:
+        # Answered after 2 s, longer than the header timeout: that deadline ends with the head.
+        status = await _request(slow_reader, slow, f"/accounts/{ACCOUNT}?min_version=99")
+        return status, time.monotonic() - opened
+
+    try:
+        (
+            silent_closed,
+            partial_closed,
+            (kept_status, kept_closed),
+            (slow_status, slow_took),
+        ) = await asyncio.gather(
+            _closed_after(silent_reader, opened),
+            _closed_after(partial_reader, opened),
+            kept_alive(),
+            slow_read(),
+        )
+    finally:
+        for writer in (silent, partial, kept, slow):
+            writer.close()
+
+    assert 0.9 <= silent_closed < 3, silent_closed
+    assert 0.9 <= partial_closed < 3, partial_closed
+    # Its deadline for the next head began when its response ended (uvicorn's own keep-alive
+    # timeout, 5 s, would be later).
+    assert kept_status == b"HTTP/1.1 200 OK"
+    assert 0.9 <= kept_closed < 3, kept_closed
+    assert slow_status == b"HTTP/1.1 504 Gateway Timeout"
+    assert slow_took >= 2
