@@ -107,6 +107,12 @@ class QueryMetrics:
             "Requests being served, the probes left out (refused beyond CQRS_HTTP_MAX_CONCURRENCY)",
             registry=self.registry,
         )
+        self.read_waits = Gauge(
+            "cqrs_http_read_waits",
+            "Reads waiting for min_version / min_position (refused beyond "
+            "CQRS_READ_WAIT_MAX_WAITERS)",
+            registry=self.registry,
+        )
         self.http_refused = Counter(
             "cqrs_http_refused",
             "Requests the API's limits refused, by reason code",

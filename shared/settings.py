@@ -180,6 +180,13 @@ class QueryServiceSettings(CommonSettings):
         le=60,
         description="longest wait of a read with `min_version` / `min_position`",
     )
+    read_wait_max_waiters: int = Field(
+        default=128,
+        ge=0,
+        description="reads waiting for `min_version` / `min_position` at once; more get 503 "
+        "at once (`0`: a read whose version is not there yet is refused); below "
+        "`CQRS_HTTP_MAX_CONCURRENCY`",
+    )
     readyz_max_lag: int = Field(
         default=1_000,
         ge=0,
@@ -210,6 +217,11 @@ class QueryServiceSettings(CommonSettings):
             raise ValueError(
                 "CQRS_HTTP_REQUEST_TIMEOUT_SECONDS must exceed CQRS_READ_WAIT_SECONDS, or every "
                 "read that waits for its version would be cut off"
+            )
+        if self.read_wait_max_waiters >= self.http_max_concurrency:
+            raise ValueError(
+                "CQRS_READ_WAIT_MAX_WAITERS must be below CQRS_HTTP_MAX_CONCURRENCY, or reads "
+                "waiting for their version could take every request slot"
             )
         return self
 

@@ -8,6 +8,7 @@ Read-your-writes: a command's reply carries the aggregate's `version` and the ev
 `position`. `?min_version=` (and `?min_position=`) make a read wait, up to
 `CQRS_READ_WAIT_SECONDS`, until the document reflects at least that version (position) of its
 aggregate; when it does not in time the answer is 504 with `Retry-After`, never stale data.
+At most `CQRS_READ_WAIT_MAX_WAITERS` reads wait at once; one more is a 503 at once.
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ from query_service.adapters.mongo import (
     create_client,
 )
 from query_service.adapters.read_models import ReadModelCatalog, RebuildConflictError
-from query_service.entrypoints.limits import InFlightLimit, RequestTimeout
+from query_service.entrypoints.limits import (
+    InFlightLimit,
+    ReadWaits,
+    RequestTimeout,
+    UnavailableError,
+)
 from query_service.metrics import UNMATCHED_ROUTE, ProjectorMetrics, QueryMetrics
 from query_service.projections.ledger import build_catalog
 from query_service.service_layer.rebuild import RebuildPolicy, RebuildProgress
@@ -151,6 +157,16 @@ class ErrorDetail(BaseModel):
     detail: str
 
 
+class Refusal(BaseModel):
+    """The body of a refusal the client may retry (503, with `Retry-After`) or must change (413).
+
+    `reason` is a code a client can act on; `detail` says it in words.
+    """
+
+    detail: str
+    reason: str
+
+
 class NotCaughtUp(BaseModel):
     """504: the read model has not reached what the query asked for within the wait."""
 
@@ -198,8 +214,14 @@ def get_settings(request: Request) -> QueryServiceSettings:
     return settings
 
 
+def get_read_waits(request: Request) -> ReadWaits:
+    waits: ReadWaits = request.app.state.read_waits
+    return waits
+
+
 Catalog = Annotated[ReadModelCatalog, Depends(get_catalog)]
 Settings = Annotated[QueryServiceSettings, Depends(get_settings)]
+Waits = Annotated[ReadWaits, Depends(get_read_waits)]
 
 UNAUTHORIZED = "missing or wrong bearer token"
 bearer = HTTPBearer(
@@ -225,21 +247,35 @@ def require_token(token: SecretStr) -> Callable[..., Awaitable[None]]:
 
 
 async def wait_for(
-    read: Callable[[], Awaitable[T]], ready: Callable[[T], bool], *, timeout: float
+    read: Callable[[], Awaitable[T]],
+    ready: Callable[[T], bool],
+    *,
+    timeout: float,
+    waits: ReadWaits,
 ) -> tuple[T, bool]:
-    """Read until `ready` holds or `timeout` passed; returns the last value read and whether."""
+    """Read until `ready` holds or `timeout` passed; returns the last value read and whether.
+
+    A read that has to wait takes one of the `waits` slots (`TooManyWaitingReadsError` when
+    none is free); one whose version is there at the first read needs none.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    delay = 0.01
-    while True:
-        value = await read()
-        if ready(value):
-            return value, True
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return value, False
-        await asyncio.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.1)
+    value = await read()
+    if ready(value):
+        return value, True
+    if loop.time() >= deadline:
+        return value, False
+    with waits.slot():
+        delay = 0.01
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return value, False
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
+            value = await read()
+            if ready(value):
+                return value, True
 
 
 def _cursor(token: str | None, model: type[Any]) -> Any:
@@ -284,6 +320,7 @@ async def get_account(
     params: Annotated[Freshness, Query()],
     catalog: Catalog,
     settings: Settings,
+    waits: Waits,
 ) -> AccountView:
     """One account. With `min_version`/`min_position`, waits for the projection to get there."""
 
@@ -297,6 +334,7 @@ async def get_account(
             read,
             lambda found: found is not None and params.met_by(found.version, found.last_position),
             timeout=settings.read_wait_seconds,
+            waits=waits,
         )
         if not ready:
             raise NotCaughtUpError(f"account {account_id}", params, _versioned(account))
@@ -328,6 +366,7 @@ async def get_transactions(
     params: Annotated[TransactionParams, Query()],
     catalog: Catalog,
     settings: Settings,
+    waits: Waits,
 ) -> TransactionPage:
     """The account's deposits, withdrawals and transfer legs, newest first, page by page."""
     cursor = _cursor(params.cursor, TransactionsCursor)
@@ -345,6 +384,7 @@ async def get_transactions(
                 and params.met_by(int(found["version"]), int(found["last_position"]))
             ),
             timeout=settings.read_wait_seconds,
+            waits=waits,
         )
         if not ready:
             raise NotCaughtUpError(f"transactions of account {account_id}", params, _reached(head))
@@ -365,6 +405,7 @@ async def get_owner_summary(
     params: Annotated[SummaryParams, Query()],
     catalog: Catalog,
     settings: Settings,
+    waits: Waits,
 ) -> OwnerSummaryView:
     """An owner's accounts and total balance per currency.
 
@@ -403,7 +444,9 @@ async def get_owner_summary(
                 int(found["version"]), int(found["last_position"])
             )
 
-        document, caught_up = await wait_for(read, ready, timeout=settings.read_wait_seconds)
+        document, caught_up = await wait_for(
+            read, ready, timeout=settings.read_wait_seconds, waits=waits
+        )
         if not caught_up:
             raise NotCaughtUpError(
                 f"summary of owner {owner_id} (account {params.account_id})",
@@ -421,6 +464,7 @@ async def get_transfer(
     params: Annotated[Freshness, Query()],
     catalog: Catalog,
     settings: Settings,
+    waits: Waits,
 ) -> TransferView:
     """A transfer's status: pending, completed or failed (with the reason)."""
 
@@ -434,6 +478,7 @@ async def get_transfer(
             read,
             lambda found: found is not None and params.met_by(found.version, found.last_position),
             timeout=settings.read_wait_seconds,
+            waits=waits,
         )
         if not ready:
             raise NotCaughtUpError(f"transfer {transfer_id}", params, _versioned(transfer))
@@ -712,6 +757,12 @@ async def _not_caught_up(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UnavailableError)
+    body = Refusal(detail=exc.detail, reason=exc.reason)
+    return JSONResponse(status_code=503, content=body.model_dump(), headers={"Retry-After": "1"})
+
+
 def create_app(
     settings: QueryServiceSettings,
     *,
@@ -749,6 +800,7 @@ def create_app(
     app = FastAPI(title="cqrs-ledger query API", version="0.2.0", lifespan=lifespan)
     prometheus = QueryMetrics(projector=metrics)
     app.state.prometheus = prometheus
+    app.state.read_waits = ReadWaits(settings.read_wait_max_waiters, prometheus=prometheus)
     # Each one added wraps the ones before: the last is the outermost.
     app.add_middleware(RequestTimeout, seconds=settings.http_request_timeout_seconds)
     app.add_middleware(InFlightLimit, limit=settings.http_max_concurrency, prometheus=prometheus)
@@ -770,4 +822,6 @@ def create_app(
     for error in TRANSIENT_ERRORS:
         app.add_exception_handler(error, _store_unavailable)
     app.add_exception_handler(NotCaughtUpError, _not_caught_up)
+    # Also `TooManyWaitingReadsError`, one of its kind.
+    app.add_exception_handler(UnavailableError, _unavailable)
     return app

@@ -6,6 +6,8 @@ From the outside in (see `create_app`):
   at once. Requests are counted, not connections, and the probes are never refused, so idle
   connections cannot make `/healthz` fail (the server closes those: `shared.http_server`).
 - `RequestTimeout`: a request not answered in time gets 503 and is cancelled.
+- `ReadWaits`: reads waiting for `min_version` / `min_position` have a limit of their own
+  (`CQRS_READ_WAIT_MAX_WAITERS`), so they cannot take every slot from ordinary reads.
 
 A refusal answers `{"detail": ..., "reason": <code>}` (the request timeout's, `{"detail": ...}`);
 a 503 carries `Retry-After`.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,6 +26,7 @@ from query_service.metrics import QueryMetrics
 
 # Reason codes of the refusals, in the body and as the label of `cqrs_http_refused_total`.
 OVERLOADED = "overloaded"
+TOO_MANY_WAITING_READS = "too_many_waiting_reads"
 
 TIMEOUT_BODY = json.dumps({"detail": "the request took too long; try again"}).encode()
 
@@ -130,3 +135,54 @@ class RequestTimeout:
                 }
             )
             await send({"type": "http.response.body", "body": TIMEOUT_BODY})
+
+
+class UnavailableError(Exception):
+    """Answered 503 with `Retry-After` and a reason code (the cause is logged, not sent)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class TooManyWaitingReadsError(UnavailableError):
+    """A read would wait for its version while `limit` reads wait already."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            TOO_MANY_WAITING_READS,
+            f"{limit} reads are waiting for their version already; try again",
+        )
+        self.limit = limit
+
+
+class ReadWaits:
+    """Counts the reads waiting for `min_version` / `min_position`; refuses one beyond `limit`.
+
+    Such a read holds its request slot and polls MongoDB until its version arrives or
+    `CQRS_READ_WAIT_SECONDS` pass; the limit keeps reads for versions that never come from
+    taking every slot (and the database's time) from everything else.
+    """
+
+    def __init__(self, limit: int, *, prometheus: QueryMetrics | None = None) -> None:
+        self.limit = limit
+        self.waiting = 0
+        self._prometheus = prometheus
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Held while one read waits; raises `TooManyWaitingReadsError` when none is free."""
+        if self.waiting >= self.limit:
+            _count(self._prometheus, TOO_MANY_WAITING_READS)
+            raise TooManyWaitingReadsError(self.limit)
+        self._moved(+1)
+        try:
+            yield
+        finally:
+            self._moved(-1)
+
+    def _moved(self, by: int) -> None:
+        self.waiting += by
+        if self._prometheus is not None:
+            self._prometheus.read_waits.set(self.waiting)

@@ -15,7 +15,8 @@ import pytest
 
 from query_service.adapters.mongo import create_client
 from tests.conftest import Services
-from tests.query_support import RunningApi, opened_account, query_api_process
+from tests.metrics_support import scrape, value
+from tests.query_support import RunningApi, eventually, opened_account, query_api_process
 from tests.read_model_support import replay_one_by_one
 
 pytestmark = pytest.mark.integration
@@ -88,6 +89,58 @@ async def test_idle_connections_starve_neither_the_probe_nor_a_read(launch: Laun
     assert read.json()["balance"] == 10
     assert health_took < PROMPT_SECONDS
     assert read_took < PROMPT_SECONDS
+
+
+WAITING_READS = [
+    f"/accounts/{ACCOUNT}?min_version=99",
+    f"/accounts/{ACCOUNT}/transactions?min_version=99",
+    f"/owners/alice/summary?account_id={ACCOUNT}&min_version=99",
+    f"/transfers/{uuid4()}?min_version=1",
+]
+
+
+async def test_reads_waiting_for_a_version_that_never_comes_are_bounded(launch: Launch) -> None:
+    api = await launch(
+        CQRS_READ_WAIT_MAX_WAITERS="200",
+        CQRS_READ_WAIT_SECONDS="30",
+        CQRS_HTTP_REQUEST_TIMEOUT_SECONDS="60",
+    )
+    unbounded = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with (
+        httpx.AsyncClient(base_url=api.url, timeout=60, limits=unbounded) as waiting,
+        httpx.AsyncClient(base_url=api.url, timeout=10) as http,
+    ):
+        # 200 reads over all four routes that wait, none of which will ever be satisfied.
+        waits = [
+            asyncio.create_task(waiting.get(WAITING_READS[i % len(WAITING_READS)]))
+            for i in range(200)
+        ]
+        try:
+            await eventually(
+                lambda: scrape(http), lambda samples: value(samples, "cqrs_http_read_waits") == 200
+            )
+            health, health_took = await timed(http.get("/healthz"))
+            read, read_took = await timed(http.get(f"/accounts/{ACCOUNT}"))
+            # Already there: a read whose version has arrived needs no waiting slot.
+            fresh, fresh_took = await timed(http.get(f"/accounts/{ACCOUNT}?min_version=1"))
+            beyond = [await timed(http.get(path)) for path in WAITING_READS]
+            answered = [wait for wait in waits if wait.done()]
+            samples = await scrape(http)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+    assert answered == []  # all 200 were still waiting while the others were answered
+    assert (health.status_code, read.status_code, fresh.status_code) == (200, 200, 200)
+    assert read.json()["balance"] == fresh.json()["balance"] == 10
+    assert max(health_took, read_took, fresh_took) < PROMPT_SECONDS
+    for response, took in beyond:
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["reason"] == "too_many_waiting_reads"
+        assert took < PROMPT_SECONDS
+    assert value(samples, "cqrs_http_refused_total", reason="too_many_waiting_reads") == 4
 
 
 async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> bytes:

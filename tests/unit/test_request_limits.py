@@ -60,6 +60,7 @@ def test_the_query_api_applies_the_limits_of_its_settings() -> None:
     settings = QueryServiceSettings(
         http_request_timeout_seconds=12.5,
         http_max_concurrency=7,
+        read_wait_max_waiters=3,
     )
     app = create_app(settings)
 
@@ -68,8 +69,14 @@ def test_the_query_api_applies_the_limits_of_its_settings() -> None:
 
     assert applied(RequestTimeout, "seconds") == [12.5]
     assert applied(InFlightLimit, "limit") == [7]
+    assert app.state.read_waits.limit == 3
 
 
 def test_a_request_timeout_shorter_than_the_read_wait_is_refused() -> None:
     with pytest.raises(ValidationError, match="must exceed CQRS_READ_WAIT_SECONDS"):
         QueryServiceSettings(http_request_timeout_seconds=5, read_wait_seconds=5)
+
+
+def test_waiting_reads_may_not_take_every_request_slot() -> None:
+    with pytest.raises(ValidationError, match="must be below CQRS_HTTP_MAX_CONCURRENCY"):
+        QueryServiceSettings(http_max_concurrency=10, read_wait_max_waiters=10)
