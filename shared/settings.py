@@ -122,6 +122,12 @@ class QueryServiceSettings(CommonSettings):
         description="a connection that has not sent a whole request head this long after it "
         "opened (or after its last response) is closed",
     )
+    http_max_body_bytes: int = Field(
+        default=16_384,
+        ge=0,
+        le=16_777_216,
+        description="a larger request body gets 413 before any route or token check reads it",
+    )
     api_token: SecretStr | None = Field(
         default=None,
         description="the bearer token the API requires (not on `/healthz`, `/readyz`, "

@@ -45,6 +45,7 @@ from query_service.adapters.mongo import (
 )
 from query_service.adapters.read_models import ReadModelCatalog, RebuildConflictError
 from query_service.entrypoints.limits import (
+    BodyLimit,
     InFlightLimit,
     ReadWaits,
     RequestTimeout,
@@ -642,6 +643,7 @@ async def _read_model_status(catalog: ReadModelCatalog, name: str) -> dict[str, 
     responses={
         400: {"model": ErrorDetail, "description": "the body is not JSON"},
         409: {"model": ErrorDetail},
+        413: {"model": Refusal, "description": "`body_too_large`"},
         503: {"model": ErrorDetail},
     },
 )
@@ -804,6 +806,8 @@ def create_app(
     # Each one added wraps the ones before: the last is the outermost.
     app.add_middleware(RequestTimeout, seconds=settings.http_request_timeout_seconds)
     app.add_middleware(InFlightLimit, limit=settings.http_max_concurrency, prometheus=prometheus)
+    # Before any route, token check or body parser runs.
+    app.add_middleware(BodyLimit, max_bytes=settings.http_max_body_bytes, prometheus=prometheus)
     # Outermost: every answer is timed, the refusals of the limits too.
     app.add_middleware(RequestTimer, prometheus=prometheus)
     app.include_router(probes)

@@ -2,6 +2,9 @@
 
 From the outside in (see `create_app`):
 
+- `BodyLimit`: a request body above `CQRS_HTTP_MAX_BODY_BYTES` is refused with 413 before any
+  route, token check or parser sees it; by its `Content-Length` at once, a chunked one as soon as
+  the count passes the limit.
 - `InFlightLimit`: at most `CQRS_HTTP_MAX_CONCURRENCY` requests are served at once; beyond it, 503
   at once. Requests are counted, not connections, and the probes are never refused, so idle
   connections cannot make `/healthz` fail (the server closes those: `shared.http_server`).
@@ -25,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from query_service.metrics import QueryMetrics
 
 # Reason codes of the refusals, in the body and as the label of `cqrs_http_refused_total`.
+BODY_TOO_LARGE = "body_too_large"
 OVERLOADED = "overloaded"
 TOO_MANY_WAITING_READS = "too_many_waiting_reads"
 
@@ -54,6 +58,69 @@ async def refuse(send: Send, status: int, detail: str, reason: str) -> None:
 def _count(prometheus: QueryMetrics | None, reason: str) -> None:
     if prometheus is not None:
         prometheus.http_refused.labels(reason).inc()
+
+
+class BodyLimit:
+    """Refuses a request body above `max_bytes` with 413, whoever sends it.
+
+    A declared `Content-Length` above the limit is refused before the app runs. A body without
+    one is counted as the app reads it: past the limit the 413 is sent, the app is told the
+    client went away, and whatever the app answers then is dropped. Nothing past the limit is
+    handed on, so nothing large is buffered; the server discards the rest of the body as it
+    arrives (and closes a connection still sending after its header timeout).
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, prometheus: QueryMetrics | None = None
+    ) -> None:
+        self._app = app
+        self._max = max_bytes
+        self._prometheus = prometheus
+
+    def _detail(self) -> str:
+        return f"the request body is larger than {self._max} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self._max:
+            _count(self._prometheus, BODY_TOO_LARGE)
+            await refuse(send, 413, self._detail(), BODY_TOO_LARGE)
+            return
+        received = 0
+        refused = False
+
+        async def receive_counted() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self._max:
+                    refused = True
+                    _count(self._prometheus, BODY_TOO_LARGE)
+                    await refuse(send, 413, self._detail(), BODY_TOO_LARGE)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def send_unless_refused(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        await self._app(scope, receive_counted, send_unless_refused)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 class InFlightLimit:

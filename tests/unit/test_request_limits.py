@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from query_service.entrypoints.http import create_app
-from query_service.entrypoints.limits import InFlightLimit, RequestTimeout
+from query_service.entrypoints.limits import BodyLimit, InFlightLimit, RequestTimeout
 from shared.settings import QueryServiceSettings
 
 
@@ -60,6 +60,7 @@ def test_the_query_api_applies_the_limits_of_its_settings() -> None:
     settings = QueryServiceSettings(
         http_request_timeout_seconds=12.5,
         http_max_concurrency=7,
+        http_max_body_bytes=1000,
         read_wait_max_waiters=3,
     )
     app = create_app(settings)
@@ -69,6 +70,7 @@ def test_the_query_api_applies_the_limits_of_its_settings() -> None:
 
     assert applied(RequestTimeout, "seconds") == [12.5]
     assert applied(InFlightLimit, "limit") == [7]
+    assert applied(BodyLimit, "max_bytes") == [1000]
     assert app.state.read_waits.limit == 3
 
 
