@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractRobustConnection
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from command_service.adapters.event_store import TRANSIENT_ERRORS
 from command_service.adapters.partition_leases import PartitionLeases
@@ -76,7 +76,9 @@ class RelayStatus(BaseModel):
     head_position: int | None
     backlog: int | None
     leading: bool
-    error: str | None = None
+    reason: str | None = Field(
+        default=None, description="why the positions are unknown: a reason code"
+    )
 
 
 class Status(BaseModel):
@@ -103,12 +105,14 @@ async def relay_status(vitals: Vitals) -> RelayStatus:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
             row = await vitals.pool.fetchrow(_RELAY_POSITIONS, RELAY_SUBSCRIPTION)
     except PROBE_ERRORS as e:
+        reason = postgres_reason(e)
+        log.warning("relay_status_unknown", reason=reason, error=repr(e))
         return RelayStatus(
             published_position=None,
             head_position=None,
             backlog=None,
             leading=leading,
-            error=repr(e),
+            reason=reason,
         )
     assert row is not None
     head, published = int(row["head"] or 0), int(row["published"])
@@ -118,6 +122,25 @@ async def relay_status(vitals: Vitals) -> RelayStatus:
         backlog=max(head - published, 0),
         leading=leading,
     )
+
+
+def postgres_reason(error: BaseException) -> str:
+    """A reason code for a failed call to PostgreSQL."""
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, asyncpg.InvalidAuthorizationSpecificationError):
+        return "unauthorized"
+    if isinstance(error, asyncpg.TooManyConnectionsError):
+        return "too_many_connections"
+    if isinstance(
+        error,
+        OSError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.CannotConnectNowError,
+    ):
+        return "unreachable"
+    return "error"
 
 
 @router.get("/healthz")
@@ -136,16 +159,20 @@ async def readyz(request: Request) -> JSONResponse:
             await vitals.pool.fetchval("SELECT 1")
         checks["postgres"] = {"ok": True}
     except PROBE_ERRORS as e:
-        checks["postgres"] = {"ok": False, "error": repr(e)}
+        reason = postgres_reason(e)
+        # The driver's words may name hosts, roles or internals: the log has them, the
+        # (unauthenticated) caller gets the code.
+        log.warning("readiness_check_failed", check="postgres", reason=reason, error=repr(e))
+        checks["postgres"] = {"ok": False, "reason": reason}
     connection = vitals.connection
     if not connection.is_closed and connection.connected.is_set():
         checks["broker"] = {"ok": True}
     else:
-        checks["broker"] = {"ok": False, "error": "the AMQP connection is not open"}
+        checks["broker"] = {"ok": False, "reason": "disconnected"}
     leases = vitals.leases
     checks["partitions"] = {"ok": leases.connected, "owned": sorted(leases.owned)}
     if not leases.connected:
-        checks["partitions"]["error"] = "the partition leases are not held (no lease connection)"
+        checks["partitions"]["reason"] = "no_lease_connection"
     ready = all(check["ok"] for check in checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks)
     return JSONResponse(status_code=200 if ready else 503, content=body.model_dump(mode="json"))

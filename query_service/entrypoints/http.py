@@ -25,13 +25,28 @@ from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
 import structlog
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aio_pika.exceptions import (
+    CONNECTION_EXCEPTIONS,
+    AMQPConnectionError,
+    AuthenticationError,
+    ChannelNotFoundEntity,
+    ConnectionClosed,
+    ProbableAuthenticationError,
+)
+from aiormq.exceptions import ChannelAccessRefused
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import (
+    ConnectionFailure,
+    ExecutionTimeout,
+    NetworkTimeout,
+    OperationFailure,
+    PyMongoError,
+)
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -309,9 +324,19 @@ admin = APIRouter(prefix="/admin", tags=["admin"])
 probes = APIRouter()
 
 Responses = dict[int | str, dict[str, Any]]
-NOT_FOUND: Responses = {404: {"model": ErrorDetail}, 503: {"model": ErrorDetail}}
+UNAVAILABLE: Responses = {
+    503: {
+        "model": Refusal,
+        "description": "try again after `Retry-After`: `store_unavailable`, `overloaded`, "
+        "`request_timeout`, `too_many_waiting_reads`",
+    }
+}
+NOT_FOUND: Responses = {404: {"model": ErrorDetail}, **UNAVAILABLE}
 FRESHNESS: Responses = {**NOT_FOUND, 504: {"model": NotCaughtUp}}
-MONGO_PROBE_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *TRANSIENT_ERRORS)
+# Any driver error: a probe reports it as a reason, never as a 500.
+MONGO_PROBE_ERRORS: tuple[type[Exception], ...] = (TimeoutError, PyMongoError)
+# Unauthorized, AuthenticationFailed.
+MONGO_AUTH_CODES = frozenset({13, 18})
 BROKER_PROBE_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *CONNECTION_EXCEPTIONS)
 
 
@@ -344,7 +369,7 @@ async def get_account(
     return account
 
 
-@router.get("/accounts", response_model=AccountPage, responses={503: {"model": ErrorDetail}})
+@router.get("/accounts", response_model=AccountPage, responses=UNAVAILABLE)
 async def get_accounts(
     params: Annotated[AccountListParams, Query()], catalog: Catalog
 ) -> AccountPage:
@@ -511,7 +536,7 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
             }
         checks["mongo"] = {"ok": True}
     except MONGO_PROBE_ERRORS as e:
-        checks["mongo"] = {"ok": False, "error": repr(e)}
+        checks["mongo"] = _failed("mongo", mongo_reason(e), e)
     partitions = _partition_queues(settings)
     try:
         depths = await _queue_depths(request, [*partitions, PROJECTOR_PARKED_QUEUE])
@@ -524,10 +549,12 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
             "max": settings.readyz_max_lag,
             "partitions": {name: depths[name] for name in partitions},
         }
+        if lag > settings.readyz_max_lag:
+            checks["lag"]["reason"] = "lag_above_max"
         detail["parked"] = {"queue": depths[PROJECTOR_PARKED_QUEUE]}
     except BROKER_PROBE_ERRORS as e:
-        checks["broker"] = {"ok": False, "error": repr(e)}
-        checks["lag"] = {"ok": False, "error": "unknown without the broker"}
+        checks["broker"] = _failed("broker", broker_reason(e), e)
+        checks["lag"] = {"ok": False, "reason": "unknown_without_broker"}
         detail["parked"] = {}
     metrics: ProjectorMetrics | None = request.app.state.metrics
     if metrics is not None:
@@ -541,6 +568,41 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
     ready = all(check.get("ok") for check in checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks, detail=detail)
     return JSONResponse(status_code=200 if ready else 503, content=body.model_dump(mode="json"))
+
+
+def _failed(check: str, reason: str, error: BaseException) -> dict[str, Any]:
+    # The client (an orchestrator, anyone who can reach the port) gets the reason code; the
+    # driver's words, which may name hosts, users or internals, go to the log.
+    log.warning("readiness_check_failed", check=check, reason=reason, error=repr(error))
+    return {"ok": False, "reason": reason}
+
+
+def mongo_reason(error: BaseException) -> str:
+    """A reason code for a failed call to MongoDB."""
+    if isinstance(error, TimeoutError | NetworkTimeout | ExecutionTimeout):
+        return "timeout"
+    if isinstance(error, ConnectionFailure):
+        return "unreachable"
+    if isinstance(error, OperationFailure) and error.code in MONGO_AUTH_CODES:
+        return "unauthorized"
+    return "error"
+
+
+def broker_reason(error: BaseException) -> str:
+    """A reason code for a failed call to RabbitMQ."""
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, AuthenticationError | ProbableAuthenticationError | ChannelAccessRefused):
+        return "unauthorized"
+    if isinstance(error, ChannelNotFoundEntity):
+        # The projector declares its queues when it starts; none has started yet.
+        return "queues_missing"
+    if isinstance(error, ConnectionClosed | RuntimeError):
+        # aio-pika's word for an operation on a connection that is down (and reconnecting).
+        return "disconnected"
+    if isinstance(error, OSError | AMQPConnectionError):
+        return "unreachable"
+    return "error"
 
 
 @probes.get("/metrics", include_in_schema=False)
@@ -644,7 +706,7 @@ async def _read_model_status(catalog: ReadModelCatalog, name: str) -> dict[str, 
         400: {"model": ErrorDetail, "description": "the body is not JSON"},
         409: {"model": ErrorDetail},
         413: {"model": Refusal, "description": "`body_too_large`"},
-        503: {"model": ErrorDetail},
+        503: {"model": Refusal, "description": "`broker_unavailable`, or as for any route"},
     },
 )
 async def post_rebuild(
@@ -674,7 +736,10 @@ async def post_rebuild(
     except RebuildConflictError as e:
         raise HTTPException(status_code=409, detail=str(e)) from e
     except BROKER_PROBE_ERRORS as e:
-        raise HTTPException(status_code=503, detail=f"broker unavailable: {e!r}") from e
+        log.warning("rebuild_not_started", reason=broker_reason(e), error=repr(e))
+        raise UnavailableError(
+            "broker_unavailable", "the broker is unavailable: no rebuild started; try again"
+        ) from e
     return RebuildStarted(
         rebuild_id=rebuild_id,
         read_models=body.read_models,
@@ -741,7 +806,12 @@ def rebuild_policy(settings: QueryServiceSettings) -> RebuildPolicy:
 
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     # A MongoDB outage is the client's cue to retry, not a bug: 503 rather than 500.
-    return JSONResponse(status_code=503, content={"detail": STORE_UNAVAILABLE})
+    log.warning("read_store_unavailable", path=request.url.path, error=repr(exc))
+    return JSONResponse(
+        status_code=503,
+        content=Refusal(detail=STORE_UNAVAILABLE, reason="store_unavailable").model_dump(),
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _not_caught_up(request: Request, exc: Exception) -> JSONResponse:
@@ -804,7 +874,9 @@ def create_app(
     app.state.prometheus = prometheus
     app.state.read_waits = ReadWaits(settings.read_wait_max_waiters, prometheus=prometheus)
     # Each one added wraps the ones before: the last is the outermost.
-    app.add_middleware(RequestTimeout, seconds=settings.http_request_timeout_seconds)
+    app.add_middleware(
+        RequestTimeout, seconds=settings.http_request_timeout_seconds, prometheus=prometheus
+    )
     app.add_middleware(InFlightLimit, limit=settings.http_max_concurrency, prometheus=prometheus)
     # Before any route, token check or body parser runs.
     app.add_middleware(BodyLimit, max_bytes=settings.http_max_body_bytes, prometheus=prometheus)

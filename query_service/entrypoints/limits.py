@@ -12,8 +12,7 @@ From the outside in (see `create_app`):
 - `ReadWaits`: reads waiting for `min_version` / `min_position` have a limit of their own
   (`CQRS_READ_WAIT_MAX_WAITERS`), so they cannot take every slot from ordinary reads.
 
-A refusal answers `{"detail": ..., "reason": <code>}` (the request timeout's, `{"detail": ...}`);
-a 503 carries `Retry-After`.
+Every refusal answers `{"detail": ..., "reason": <code>}`; a 503 carries `Retry-After`.
 """
 
 from __future__ import annotations
@@ -30,9 +29,8 @@ from query_service.metrics import QueryMetrics
 # Reason codes of the refusals, in the body and as the label of `cqrs_http_refused_total`.
 BODY_TOO_LARGE = "body_too_large"
 OVERLOADED = "overloaded"
+REQUEST_TIMEOUT = "request_timeout"
 TOO_MANY_WAITING_READS = "too_many_waiting_reads"
-
-TIMEOUT_BODY = json.dumps({"detail": "the request took too long; try again"}).encode()
 
 # Liveness, readiness and metrics: an orchestrator must reach them however busy the API is.
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -168,9 +166,12 @@ class RequestTimeout:
     started is cut instead (its status line is gone).
     """
 
-    def __init__(self, app: ASGIApp, *, seconds: float) -> None:
+    def __init__(
+        self, app: ASGIApp, *, seconds: float, prometheus: QueryMetrics | None = None
+    ) -> None:
         self._app = app
         self._seconds = seconds
+        self._prometheus = prometheus
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -190,18 +191,8 @@ class RequestTimeout:
         except TimeoutError:
             if started or not deadline.expired():
                 raise
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 503,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(TIMEOUT_BODY)).encode()),
-                        (b"retry-after", b"1"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": TIMEOUT_BODY})
+            _count(self._prometheus, REQUEST_TIMEOUT)
+            await refuse(send, 503, "the request took too long; try again", REQUEST_TIMEOUT)
 
 
 class UnavailableError(Exception):

@@ -5,6 +5,7 @@ database."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import socket
@@ -16,6 +17,7 @@ from typing import Any
 import aio_pika
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from command_service.bootstrap import CommandService, start
 from shared import topology
@@ -25,6 +27,7 @@ from shared.messages import CommandEnvelope
 from shared.settings import CommandServiceSettings
 from tests.metrics_support import Samples, labelled, scrape, value
 from tests.query_support import eventually
+from tests.reason_support import driver_details
 from tests.tcp_proxy import TcpProxy, through
 
 pytestmark = pytest.mark.integration
@@ -145,10 +148,24 @@ async def test_readiness_follows_the_database(
             }
 
             await postgres_proxy.cut()
-            _, body = await eventually(readiness, lambda reading: reading[0] == 503)
+            with capture_logs() as logs:
+                _, body = await eventually(readiness, lambda reading: reading[0] == 503)
+                status = await http.get("/status")
             assert body["status"] == "not_ready"
-            assert body["checks"]["postgres"]["ok"] is False
+            # A reason code for the caller, the driver's exception for the log.
+            assert body["checks"]["postgres"] == {"ok": False, "reason": "unreachable"}
             assert body["checks"]["broker"]["ok"] is True
+            assert status.status_code == 200
+            assert status.json()["relay"]["reason"] == "unreachable"
+            address = f"127.0.0.1:{postgres_proxy.port}"
+            assert driver_details(json.dumps(body), address) == []
+            assert driver_details(status.text, address) == []
+            failed = [e for e in logs if e["event"] == "readiness_check_failed"]
+            assert failed and {(e["log_level"], e["check"]) for e in failed} == {
+                ("warning", "postgres")
+            }
+            assert all("Error" in e["error"] for e in failed)
+            assert any(e["event"] == "relay_status_unknown" for e in logs)
             _, body = await eventually(
                 readiness, lambda reading: reading[1]["checks"]["partitions"]["ok"] is False
             )
