@@ -171,7 +171,11 @@ async def start(
     vitals = Vitals(pool, amqp, leases, consumer, relay, metrics, replica_name(), supervisor)
     try:
         service.http = await serve(
-            create_app(vitals), settings.http_host, settings.http_port, supervisor=supervisor
+            create_app(vitals),
+            settings.http_host,
+            settings.http_port,
+            header_timeout=settings.http_header_timeout_seconds,
+            supervisor=supervisor,
         )
     except BaseException:
         await service.stop()

@@ -11,14 +11,16 @@ import signal
 import sys
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
-from typing import Any
 
 import structlog
 import uvicorn
+from fastapi import FastAPI
 
 from query_service.bootstrap import bootstrap
+from shared.http_server import server_config
 from shared.logging import configure_logging
 from shared.settings import QueryServiceSettings
+from shared.supervision import Failure
 from shared.tracing import configure_tracing, shutdown_tracing
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
@@ -36,8 +38,43 @@ class ApiServer(uvicorn.Server):
         yield
 
 
+API_TASK = "http-api"
+
+
+class ApiEndpoint:
+    """The API's uvicorn server, run under the supervisor: one that fails is replaced by a new
+    one (its lifespan, and so its MongoDB and broker links, are set up again)."""
+
+    def __init__(self, app: FastAPI, settings: QueryServiceSettings) -> None:
+        self._app = app
+        self._settings = settings
+        self.server: ApiServer | None = None
+
+    async def run(self) -> None:
+        settings = self._settings
+        # No `limit_concurrency`: uvicorn counts connections with it, so idle ones would
+        # make the probes fail. The app sheds by requests in flight instead (limits.py).
+        self.server = server = ApiServer(
+            server_config(
+                self._app,
+                header_timeout=settings.http_header_timeout_seconds,
+                host=settings.http_host,
+                port=settings.http_port,
+                lifespan="on",
+            )
+        )
+        try:
+            await server.serve()
+        except SystemExit as e:  # uvicorn's answer to a port it cannot bind
+            raise Failure("http_start_failed", "the API server could not start") from e
+
+    def ask_to_exit(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+
+
 async def serve(settings: QueryServiceSettings) -> None:
-    """Run until SIGTERM/SIGINT (or until the API server stops by itself), then shut down."""
+    """Run until SIGTERM/SIGINT, then shut down. The API server runs under the supervisor."""
     if not (settings.run_projector or settings.run_api):
         raise SystemExit("nothing to run: CQRS_RUN_PROJECTOR and CQRS_RUN_API are both false")
 
@@ -47,40 +84,26 @@ async def serve(settings: QueryServiceSettings) -> None:
         loop.add_signal_handler(signum, stopping.set)
 
     service = await bootstrap(settings)
-    server: ApiServer | None = None
-    api_task: asyncio.Task[None] | None = None
+    endpoint: ApiEndpoint | None = None
     try:
         if service.app is not None:
-            server = ApiServer(
-                uvicorn.Config(
-                    service.app,
-                    host=settings.http_host,
-                    port=settings.http_port,
-                    log_config=None,
-                    access_log=False,
-                    # Beyond it, 503 at once instead of a queue that grows with the flood.
-                    limit_concurrency=settings.http_max_concurrency,
-                    lifespan="on",
-                )
-            )
-            api_task = asyncio.create_task(server.serve(), name="http-api")
+            endpoint = ApiEndpoint(service.app, settings)
+            service.supervisor.spawn(API_TASK, endpoint.run, restart_on_return=True)
         log.info(
             "query_service_started",
             projector=settings.run_projector,
             api=settings.run_api,
             http=f"{settings.http_host}:{settings.http_port}" if settings.run_api else None,
         )
-        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stopping.wait())}
-        if api_task is not None:
-            waiters.add(api_task)
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        log.info("query_service_stopping", signal_received=stopping.is_set())
+        await stopping.wait()
+        log.info("query_service_stopping")
     finally:
         # Projector first: it drains while the API still answers reads.
         await service.stop_projector(SHUTDOWN_GRACE_SECONDS)
-        if server is not None and api_task is not None:
-            server.should_exit = True
-            await asyncio.gather(api_task, return_exceptions=True)
+        if endpoint is not None:
+            await service.supervisor.stop(
+                API_TASK, timeout=SHUTDOWN_GRACE_SECONDS, ask=endpoint.ask_to_exit
+            )
         await service.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -171,9 +171,11 @@ class QueryService:
             await projector.stop(grace_seconds)
 
     async def close(self) -> None:
-        """Stop the projector if still running, then close the MongoDB client."""
+        """Stop the projector if still running and every supervised task, then close the
+        MongoDB client."""
         try:
             await self.stop_projector()
+            await self.supervisor.stop_all()
         finally:
             await self.mongo.close()
 

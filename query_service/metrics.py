@@ -7,14 +7,14 @@ Each app gets its own `CollectorRegistry`, so several services in one process ne
 
 from __future__ import annotations
 
+import collections
 import math
 import time
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -29,7 +29,7 @@ UNMATCHED_ROUTE = "<unmatched>"
 class ProjectorMetrics:
     """Counters of this process's projector consumer; `parked` is the alert signal."""
 
-    projected_by_type: Counter[str] = field(default_factory=Counter)
+    projected_by_type: collections.Counter[str] = field(default_factory=collections.Counter)
     duplicates: int = 0
     parked: int = 0
     # Parks the full parked queue refused; each such event went back to its partition.
@@ -114,6 +114,23 @@ class QueryMetrics:
             "cqrs_http_request_seconds",
             "HTTP requests by method, route template and status",
             ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_requests_in_flight = Gauge(
+            "cqrs_http_requests_in_flight",
+            "Requests being served, the probes left out (refused beyond CQRS_HTTP_MAX_CONCURRENCY)",
+            registry=self.registry,
+        )
+        self.read_waits = Gauge(
+            "cqrs_http_read_waits",
+            "Reads waiting for min_version / min_position (refused beyond "
+            "CQRS_READ_WAIT_MAX_WAITERS)",
+            registry=self.registry,
+        )
+        self.http_refused = Counter(
+            "cqrs_http_refused",
+            "Requests the API's limits refused, by reason code",
+            ["reason"],
             registry=self.registry,
         )
 

@@ -113,6 +113,13 @@ class CommandServiceSettings(CommonSettings):
     http_port: int = Field(
         default=8001, ge=0, le=65_535, description="their port (`0`: a free one)"
     )
+    http_header_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="a connection that has not sent a whole request head this long after it "
+        "opened (or after its last response) is closed",
+    )
 
     @model_validator(mode="after")
     def _leaders_poll_within_their_timeout(self) -> CommandServiceSettings:
@@ -155,7 +162,21 @@ class QueryServiceSettings(CommonSettings):
     http_max_concurrency: int = Field(
         default=256,
         ge=1,
-        description="requests served at once by one replica; more get 503 at once",
+        description="requests served at once by one replica, the probes not counted; more get "
+        "503 at once",
+    )
+    http_header_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="a connection that has not sent a whole request head this long after it "
+        "opened (or after its last response) is closed",
+    )
+    http_max_body_bytes: int = Field(
+        default=16_384,
+        ge=0,
+        le=16_777_216,
+        description="a larger request body gets 413 before any route or token check reads it",
     )
     api_token: SecretStr | None = Field(
         default=None,
@@ -234,6 +255,13 @@ class QueryServiceSettings(CommonSettings):
         le=60,
         description="longest wait of a read with `min_version` / `min_position`",
     )
+    read_wait_max_waiters: int = Field(
+        default=128,
+        ge=0,
+        description="reads waiting for `min_version` / `min_position` at once; more get 503 "
+        "at once (`0`: a read whose version is not there yet is refused); below "
+        "`CQRS_HTTP_MAX_CONCURRENCY`",
+    )
     readyz_max_lag: int = Field(
         default=1_000,
         ge=0,
@@ -264,6 +292,11 @@ class QueryServiceSettings(CommonSettings):
             raise ValueError(
                 "CQRS_HTTP_REQUEST_TIMEOUT_SECONDS must exceed CQRS_READ_WAIT_SECONDS, or every "
                 "read that waits for its version would be cut off"
+            )
+        if self.read_wait_max_waiters >= self.http_max_concurrency:
+            raise ValueError(
+                "CQRS_READ_WAIT_MAX_WAITERS must be below CQRS_HTTP_MAX_CONCURRENCY, or reads "
+                "waiting for their version could take every request slot"
             )
         return self
 

@@ -128,12 +128,17 @@ class Supervisor:
         supervised = self._tasks[name] = Supervised(health, task, stopping)
         return supervised
 
-    async def stop(self, name: str, *, timeout: float | None = None) -> None:
-        """Cancel task `name` (after `timeout` seconds of letting it end by itself, if given)."""
+    async def stop(
+        self, name: str, *, timeout: float | None = None, ask: Callable[[], None] | None = None
+    ) -> None:
+        """Stop task `name`: call `ask` (which should make it end by itself), give it `timeout`
+        seconds if given, then cancel it. It is not restarted, whatever it does meanwhile."""
         supervised = self._tasks.pop(name, None)
         if supervised is None:
             return
         supervised.stopping.set()
+        if ask is not None:
+            ask()
         if timeout is not None:
             await asyncio.wait({supervised.task}, timeout=timeout)
         supervised.task.cancel()

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from pathlib import Path
+from typing import IO, TypeVar
 from uuid import UUID, uuid4
 
 import aio_pika
@@ -121,3 +126,59 @@ async def served(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         httpx.AsyncClient(transport=transport, base_url="http://api") as http,
     ):
         yield http
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class RunningApi:
+    """A query service process serving its API at `url`."""
+
+    url: str
+    host: str
+    port: int
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def query_api_process(
+    settings: dict[str, str], *, log: IO[bytes] | None = None
+) -> AsyncIterator[RunningApi]:
+    """`python -m query_service` serving the API only (no projector, so nothing catches up),
+    with these `CQRS_*` settings; its log (JSON lines) to `log`; killed at the end."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "CQRS_HTTP_HOST": "127.0.0.1",
+        "CQRS_HTTP_PORT": str(port),
+        "CQRS_RUN_PROJECTOR": "false",
+        "CQRS_LOG_JSON": "true",
+        "CQRS_LOG_LEVEL": "WARNING",
+        **settings,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "query_service", cwd=REPO, env=env, stderr=log
+    )
+    api = RunningApi(f"http://127.0.0.1:{port}", "127.0.0.1", port)
+    try:
+        async with httpx.AsyncClient(base_url=api.url, timeout=2) as http:
+
+            async def health() -> int:
+                try:
+                    return (await http.get("/healthz")).status_code
+                except httpx.TransportError:
+                    return 0
+
+            await eventually(health, lambda status: status == 200)
+        yield api
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

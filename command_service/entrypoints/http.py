@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractRobustConnection
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from command_service.adapters.event_store import TRANSIENT_ERRORS
 from command_service.adapters.partition_leases import PartitionLeases
@@ -31,6 +31,7 @@ from command_service.adapters.relay import RELAY_SUBSCRIPTION
 from command_service.adapters.subscription import Subscription
 from command_service.entrypoints.commands import CommandConsumer
 from command_service.metrics import CommandMetrics
+from shared.http_server import server_config
 from shared.supervision import Supervisor, mark_healthy
 
 log = structlog.get_logger(__name__)
@@ -77,7 +78,9 @@ class RelayStatus(BaseModel):
     head_position: int | None
     backlog: int | None
     leading: bool
-    error: str | None = None
+    reason: str | None = Field(
+        default=None, description="why the positions are unknown: a reason code"
+    )
 
 
 class Status(BaseModel):
@@ -106,12 +109,14 @@ async def relay_status(vitals: Vitals) -> RelayStatus:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
             row = await vitals.pool.fetchrow(_RELAY_POSITIONS, RELAY_SUBSCRIPTION)
     except PROBE_ERRORS as e:
+        reason = postgres_reason(e)
+        log.warning("relay_status_unknown", reason=reason, error=repr(e))
         return RelayStatus(
             published_position=None,
             head_position=None,
             backlog=None,
             leading=leading,
-            error=repr(e),
+            reason=reason,
         )
     assert row is not None
     head, published = int(row["head"] or 0), int(row["published"])
@@ -121,6 +126,25 @@ async def relay_status(vitals: Vitals) -> RelayStatus:
         backlog=max(head - published, 0),
         leading=leading,
     )
+
+
+def postgres_reason(error: BaseException) -> str:
+    """A reason code for a failed call to PostgreSQL."""
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, asyncpg.InvalidAuthorizationSpecificationError):
+        return "unauthorized"
+    if isinstance(error, asyncpg.TooManyConnectionsError):
+        return "too_many_connections"
+    if isinstance(
+        error,
+        OSError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.CannotConnectNowError,
+    ):
+        return "unreachable"
+    return "error"
 
 
 @router.get("/healthz")
@@ -139,16 +163,20 @@ async def readyz(request: Request) -> JSONResponse:
             await vitals.pool.fetchval("SELECT 1")
         checks["postgres"] = {"ok": True}
     except PROBE_ERRORS as e:
-        checks["postgres"] = {"ok": False, "error": repr(e)}
+        reason = postgres_reason(e)
+        # The driver's words may name hosts, roles or internals: the log has them, the
+        # (unauthenticated) caller gets the code.
+        log.warning("readiness_check_failed", check="postgres", reason=reason, error=repr(e))
+        checks["postgres"] = {"ok": False, "reason": reason}
     connection = vitals.connection
     if not connection.is_closed and connection.connected.is_set():
         checks["broker"] = {"ok": True}
     else:
-        checks["broker"] = {"ok": False, "error": "the AMQP connection is not open"}
+        checks["broker"] = {"ok": False, "reason": "disconnected"}
     leases = vitals.leases
     checks["partitions"] = {"ok": leases.connected, "owned": sorted(leases.owned)}
     if not leases.connected:
-        checks["partitions"]["error"] = "the partition leases are not held (no lease connection)"
+        checks["partitions"]["reason"] = "no_lease_connection"
     checks["tasks"] = vitals.supervisor.readiness()
     ready = all(check["ok"] for check in checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks)
@@ -209,12 +237,17 @@ class HttpEndpoint:
     host: str
     port: int
     supervisor: Supervisor
+    header_timeout: float
     server: uvicorn.Server | None = None
     task: asyncio.Task[None] | None = None
 
+    def _ask_to_exit(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+
     async def run(self) -> None:
         self.server = server = _Server(
-            uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off")
+            server_config(self.app, header_timeout=self.header_timeout, lifespan="off")
         )
         serving = asyncio.ensure_future(server.serve(sockets=[self.listener]))
         try:
@@ -228,22 +261,28 @@ class HttpEndpoint:
             await asyncio.gather(serving, return_exceptions=True)
 
     async def stop(self, timeout: float = 5.0) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-        await self.supervisor.stop(HTTP_TASK, timeout=timeout)
+        await self.supervisor.stop(HTTP_TASK, timeout=timeout, ask=self._ask_to_exit)
         self.listener.close()
 
 
 async def serve(
-    app: FastAPI, host: str, port: int, *, supervisor: Supervisor | None = None
+    app: FastAPI,
+    host: str,
+    port: int,
+    *,
+    header_timeout: float,
+    supervisor: Supervisor | None = None,
 ) -> HttpEndpoint:
-    """Bind `host`:`port` (0: any free port) and serve `app` on it from this event loop."""
+    """Bind `host`:`port` (0: any free port) and serve `app` on it from this event loop.
+
+    A connection that has not sent a request head within `header_timeout` seconds is closed.
+    """
     loop = asyncio.get_running_loop()
     family = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0][0]
     listener = socket.create_server((host, port), family=family)
     bound = int(listener.getsockname()[1])
     supervisor = supervisor if supervisor is not None else Supervisor()
-    endpoint = HttpEndpoint(app, listener, host, bound, supervisor)
+    endpoint = HttpEndpoint(app, listener, host, bound, supervisor, header_timeout)
     endpoint.task = supervisor.spawn(HTTP_TASK, endpoint.run, restart_on_return=True).task
     try:
         async with asyncio.timeout(10):

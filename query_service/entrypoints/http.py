@@ -8,6 +8,7 @@ Read-your-writes: a command's reply carries the aggregate's `version` and the ev
 `position`. `?min_version=` (and `?min_position=`) make a read wait, up to
 `CQRS_READ_WAIT_SECONDS`, until the document reflects at least that version (position) of its
 aggregate; when it does not in time the answer is 504 with `Retry-After`, never stale data.
+At most `CQRS_READ_WAIT_MAX_WAITERS` reads wait at once; one more is a 503 at once.
 """
 
 from __future__ import annotations
@@ -24,13 +25,28 @@ from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
 import structlog
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aio_pika.exceptions import (
+    CONNECTION_EXCEPTIONS,
+    AMQPConnectionError,
+    AuthenticationError,
+    ChannelNotFoundEntity,
+    ConnectionClosed,
+    ProbableAuthenticationError,
+)
+from aiormq.exceptions import ChannelAccessRefused
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import (
+    ConnectionFailure,
+    ExecutionTimeout,
+    NetworkTimeout,
+    OperationFailure,
+    PyMongoError,
+)
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -43,7 +59,13 @@ from query_service.adapters.mongo import (
     create_client,
 )
 from query_service.adapters.read_models import ReadModelCatalog, RebuildConflictError
-from query_service.entrypoints.limits import RequestTimeout
+from query_service.entrypoints.limits import (
+    BodyLimit,
+    InFlightLimit,
+    ReadWaits,
+    RequestTimeout,
+    UnavailableError,
+)
 from query_service.metrics import UNMATCHED_ROUTE, ProjectorMetrics, QueryMetrics
 from query_service.projections.ledger import build_catalog
 from query_service.service_layer.rebuild import RebuildPolicy, RebuildProgress
@@ -152,6 +174,16 @@ class ErrorDetail(BaseModel):
     detail: str
 
 
+class Refusal(BaseModel):
+    """The body of a refusal the client may retry (503, with `Retry-After`) or must change (413).
+
+    `reason` is a code a client can act on; `detail` says it in words.
+    """
+
+    detail: str
+    reason: str
+
+
 class NotCaughtUp(BaseModel):
     """504: the read model has not reached what the query asked for within the wait."""
 
@@ -199,8 +231,14 @@ def get_settings(request: Request) -> QueryServiceSettings:
     return settings
 
 
+def get_read_waits(request: Request) -> ReadWaits:
+    waits: ReadWaits = request.app.state.read_waits
+    return waits
+
+
 Catalog = Annotated[ReadModelCatalog, Depends(get_catalog)]
 Settings = Annotated[QueryServiceSettings, Depends(get_settings)]
+Waits = Annotated[ReadWaits, Depends(get_read_waits)]
 
 UNAUTHORIZED = "missing or wrong bearer token"
 bearer = HTTPBearer(
@@ -226,21 +264,35 @@ def require_token(token: SecretStr) -> Callable[..., Awaitable[None]]:
 
 
 async def wait_for(
-    read: Callable[[], Awaitable[T]], ready: Callable[[T], bool], *, timeout: float
+    read: Callable[[], Awaitable[T]],
+    ready: Callable[[T], bool],
+    *,
+    timeout: float,
+    waits: ReadWaits,
 ) -> tuple[T, bool]:
-    """Read until `ready` holds or `timeout` passed; returns the last value read and whether."""
+    """Read until `ready` holds or `timeout` passed; returns the last value read and whether.
+
+    A read that has to wait takes one of the `waits` slots (`TooManyWaitingReadsError` when
+    none is free); one whose version is there at the first read needs none.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    delay = 0.01
-    while True:
-        value = await read()
-        if ready(value):
-            return value, True
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return value, False
-        await asyncio.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.1)
+    value = await read()
+    if ready(value):
+        return value, True
+    if loop.time() >= deadline:
+        return value, False
+    with waits.slot():
+        delay = 0.01
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return value, False
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
+            value = await read()
+            if ready(value):
+                return value, True
 
 
 def _cursor(token: str | None, model: type[Any]) -> Any:
@@ -273,9 +325,19 @@ admin = APIRouter(prefix="/admin", tags=["admin"])
 probes = APIRouter()
 
 Responses = dict[int | str, dict[str, Any]]
-NOT_FOUND: Responses = {404: {"model": ErrorDetail}, 503: {"model": ErrorDetail}}
+UNAVAILABLE: Responses = {
+    503: {
+        "model": Refusal,
+        "description": "try again after `Retry-After`: `store_unavailable`, `overloaded`, "
+        "`request_timeout`, `too_many_waiting_reads`",
+    }
+}
+NOT_FOUND: Responses = {404: {"model": ErrorDetail}, **UNAVAILABLE}
 FRESHNESS: Responses = {**NOT_FOUND, 504: {"model": NotCaughtUp}}
-MONGO_PROBE_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *TRANSIENT_ERRORS)
+# Any driver error: a probe reports it as a reason, never as a 500.
+MONGO_PROBE_ERRORS: tuple[type[Exception], ...] = (TimeoutError, PyMongoError)
+# Unauthorized, AuthenticationFailed.
+MONGO_AUTH_CODES = frozenset({13, 18})
 BROKER_PROBE_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *CONNECTION_EXCEPTIONS)
 
 
@@ -285,6 +347,7 @@ async def get_account(
     params: Annotated[Freshness, Query()],
     catalog: Catalog,
     settings: Settings,
+    waits: Waits,
 ) -> AccountView:
     """One account. With `min_version`/`min_position`, waits for the projection to get there."""
 
@@ -298,6 +361,7 @@ async def get_account(
             read,
             lambda found: found is not None and params.met_by(found.version, found.last_position),
             timeout=settings.read_wait_seconds,
+            waits=waits,
         )
         if not ready:
             raise NotCaughtUpError(f"account {account_id}", params, _versioned(account))
@@ -306,7 +370,7 @@ async def get_account(
     return account
 
 
-@router.get("/accounts", response_model=AccountPage, responses={503: {"model": ErrorDetail}})
+@router.get("/accounts", response_model=AccountPage, responses=UNAVAILABLE)
 async def get_accounts(
     params: Annotated[AccountListParams, Query()], catalog: Catalog
 ) -> AccountPage:
@@ -329,6 +393,7 @@ async def get_transactions(
     params: Annotated[TransactionParams, Query()],
     catalog: Catalog,
     settings: Settings,
+    waits: Waits,
 ) -> TransactionPage:
     """The account's deposits, withdrawals and transfer legs, newest first, page by page."""
     cursor = _cursor(params.cursor, TransactionsCursor)
@@ -346,6 +411,7 @@ async def get_transactions(
                 and params.met_by(int(found["version"]), int(found["last_position"]))
             ),
             timeout=settings.read_wait_seconds,
+            waits=waits,
         )
         if not ready:
             raise NotCaughtUpError(f"transactions of account {account_id}", params, _reached(head))
@@ -366,6 +432,7 @@ async def get_owner_summary(
     params: Annotated[SummaryParams, Query()],
     catalog: Catalog,
     settings: Settings,
+    waits: Waits,
 ) -> OwnerSummaryView:
     """An owner's accounts and total balance per currency.
 
@@ -404,7 +471,9 @@ async def get_owner_summary(
                 int(found["version"]), int(found["last_position"])
             )
 
-        document, caught_up = await wait_for(read, ready, timeout=settings.read_wait_seconds)
+        document, caught_up = await wait_for(
+            read, ready, timeout=settings.read_wait_seconds, waits=waits
+        )
         if not caught_up:
             raise NotCaughtUpError(
                 f"summary of owner {owner_id} (account {params.account_id})",
@@ -422,6 +491,7 @@ async def get_transfer(
     params: Annotated[Freshness, Query()],
     catalog: Catalog,
     settings: Settings,
+    waits: Waits,
 ) -> TransferView:
     """A transfer's status: pending, completed or failed (with the reason)."""
 
@@ -435,6 +505,7 @@ async def get_transfer(
             read,
             lambda found: found is not None and params.met_by(found.version, found.last_position),
             timeout=settings.read_wait_seconds,
+            waits=waits,
         )
         if not ready:
             raise NotCaughtUpError(f"transfer {transfer_id}", params, _versioned(transfer))
@@ -466,7 +537,7 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
             }
         checks["mongo"] = {"ok": True}
     except MONGO_PROBE_ERRORS as e:
-        checks["mongo"] = {"ok": False, "error": repr(e)}
+        checks["mongo"] = _failed("mongo", mongo_reason(e), e)
     partitions = _partition_queues(settings)
     try:
         depths = await _queue_depths(request, [*partitions, PROJECTOR_PARKED_QUEUE])
@@ -479,10 +550,12 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
             "max": settings.readyz_max_lag,
             "partitions": {name: depths[name] for name in partitions},
         }
+        if lag > settings.readyz_max_lag:
+            checks["lag"]["reason"] = "lag_above_max"
         detail["parked"] = {"queue": depths[PROJECTOR_PARKED_QUEUE]}
     except BROKER_PROBE_ERRORS as e:
-        checks["broker"] = {"ok": False, "error": repr(e)}
-        checks["lag"] = {"ok": False, "error": "unknown without the broker"}
+        checks["broker"] = _failed("broker", broker_reason(e), e)
+        checks["lag"] = {"ok": False, "reason": "unknown_without_broker"}
         detail["parked"] = {}
     metrics: ProjectorMetrics | None = request.app.state.metrics
     if metrics is not None:
@@ -497,6 +570,41 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
     ready = all(check.get("ok") for check in checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks, detail=detail)
     return JSONResponse(status_code=200 if ready else 503, content=body.model_dump(mode="json"))
+
+
+def _failed(check: str, reason: str, error: BaseException) -> dict[str, Any]:
+    # The client (an orchestrator, anyone who can reach the port) gets the reason code; the
+    # driver's words, which may name hosts, users or internals, go to the log.
+    log.warning("readiness_check_failed", check=check, reason=reason, error=repr(error))
+    return {"ok": False, "reason": reason}
+
+
+def mongo_reason(error: BaseException) -> str:
+    """A reason code for a failed call to MongoDB."""
+    if isinstance(error, TimeoutError | NetworkTimeout | ExecutionTimeout):
+        return "timeout"
+    if isinstance(error, ConnectionFailure):
+        return "unreachable"
+    if isinstance(error, OperationFailure) and error.code in MONGO_AUTH_CODES:
+        return "unauthorized"
+    return "error"
+
+
+def broker_reason(error: BaseException) -> str:
+    """A reason code for a failed call to RabbitMQ."""
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, AuthenticationError | ProbableAuthenticationError | ChannelAccessRefused):
+        return "unauthorized"
+    if isinstance(error, ChannelNotFoundEntity):
+        # The projector declares its queues when it starts; none has started yet.
+        return "queues_missing"
+    if isinstance(error, ConnectionClosed | RuntimeError):
+        # aio-pika's word for an operation on a connection that is down (and reconnecting).
+        return "disconnected"
+    if isinstance(error, OSError | AMQPConnectionError):
+        return "unreachable"
+    return "error"
 
 
 @probes.get("/metrics", include_in_schema=False)
@@ -599,7 +707,8 @@ async def _read_model_status(catalog: ReadModelCatalog, name: str) -> dict[str, 
     responses={
         400: {"model": ErrorDetail, "description": "the body is not JSON"},
         409: {"model": ErrorDetail},
-        503: {"model": ErrorDetail},
+        413: {"model": Refusal, "description": "`body_too_large`"},
+        503: {"model": Refusal, "description": "`broker_unavailable`, or as for any route"},
     },
 )
 async def post_rebuild(
@@ -629,7 +738,10 @@ async def post_rebuild(
     except RebuildConflictError as e:
         raise HTTPException(status_code=409, detail=str(e)) from e
     except BROKER_PROBE_ERRORS as e:
-        raise HTTPException(status_code=503, detail=f"broker unavailable: {e!r}") from e
+        log.warning("rebuild_not_started", reason=broker_reason(e), error=repr(e))
+        raise UnavailableError(
+            "broker_unavailable", "the broker is unavailable: no rebuild started; try again"
+        ) from e
     return RebuildStarted(
         rebuild_id=rebuild_id,
         read_models=body.read_models,
@@ -696,7 +808,12 @@ def rebuild_policy(settings: QueryServiceSettings) -> RebuildPolicy:
 
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     # A MongoDB outage is the client's cue to retry, not a bug: 503 rather than 500.
-    return JSONResponse(status_code=503, content={"detail": STORE_UNAVAILABLE})
+    log.warning("read_store_unavailable", path=request.url.path, error=repr(exc))
+    return JSONResponse(
+        status_code=503,
+        content=Refusal(detail=STORE_UNAVAILABLE, reason="store_unavailable").model_dump(),
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _not_caught_up(request: Request, exc: Exception) -> JSONResponse:
@@ -712,6 +829,12 @@ async def _not_caught_up(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         status_code=504, content=body.model_dump(mode="json"), headers={"Retry-After": "1"}
     )
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UnavailableError)
+    body = Refusal(detail=exc.detail, reason=exc.reason)
+    return JSONResponse(status_code=503, content=body.model_dump(), headers={"Retry-After": "1"})
 
 
 def create_app(
@@ -754,8 +877,15 @@ def create_app(
     app.state.supervisor = supervisor
     prometheus = QueryMetrics(projector=metrics, supervisor=supervisor)
     app.state.prometheus = prometheus
-    app.add_middleware(RequestTimeout, seconds=settings.http_request_timeout_seconds)
-    # Added last, so outermost: a request the timeout cut off is timed too, as a 503.
+    app.state.read_waits = ReadWaits(settings.read_wait_max_waiters, prometheus=prometheus)
+    # Each one added wraps the ones before: the last is the outermost.
+    app.add_middleware(
+        RequestTimeout, seconds=settings.http_request_timeout_seconds, prometheus=prometheus
+    )
+    app.add_middleware(InFlightLimit, limit=settings.http_max_concurrency, prometheus=prometheus)
+    # Before any route, token check or body parser runs.
+    app.add_middleware(BodyLimit, max_bytes=settings.http_max_body_bytes, prometheus=prometheus)
+    # Outermost: every answer is timed, the refusals of the limits too.
     app.add_middleware(RequestTimer, prometheus=prometheus)
     app.include_router(probes)
     if settings.api_token is None:
@@ -773,4 +903,6 @@ def create_app(
     for error in TRANSIENT_ERRORS:
         app.add_exception_handler(error, _store_unavailable)
     app.add_exception_handler(NotCaughtUpError, _not_caught_up)
+    # Also `TooManyWaitingReadsError`, one of its kind.
+    app.add_exception_handler(UnavailableError, _unavailable)
     return app

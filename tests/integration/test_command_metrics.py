@@ -4,9 +4,12 @@ database."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +17,7 @@ from typing import Any
 import aio_pika
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from command_service.bootstrap import CommandService, start
 from shared import topology
@@ -23,6 +27,7 @@ from shared.messages import CommandEnvelope
 from shared.settings import CommandServiceSettings
 from tests.metrics_support import Samples, labelled, scrape, value
 from tests.query_support import eventually
+from tests.reason_support import driver_details
 from tests.tcp_proxy import TcpProxy, through
 
 pytestmark = pytest.mark.integration
@@ -144,10 +149,24 @@ async def test_readiness_follows_the_database(
             }
 
             await postgres_proxy.cut()
-            _, body = await eventually(readiness, lambda reading: reading[0] == 503)
+            with capture_logs() as logs:
+                _, body = await eventually(readiness, lambda reading: reading[0] == 503)
+                status = await http.get("/status")
             assert body["status"] == "not_ready"
-            assert body["checks"]["postgres"]["ok"] is False
+            # A reason code for the caller, the driver's exception for the log.
+            assert body["checks"]["postgres"] == {"ok": False, "reason": "unreachable"}
             assert body["checks"]["broker"]["ok"] is True
+            assert status.status_code == 200
+            assert status.json()["relay"]["reason"] == "unreachable"
+            address = f"127.0.0.1:{postgres_proxy.port}"
+            assert driver_details(json.dumps(body), address) == []
+            assert driver_details(status.text, address) == []
+            failed = [e for e in logs if e["event"] == "readiness_check_failed"]
+            assert failed and {(e["log_level"], e["check"]) for e in failed} == {
+                ("warning", "postgres")
+            }
+            assert all("Error" in e["error"] for e in failed)
+            assert any(e["event"] == "relay_status_unknown" for e in logs)
             _, body = await eventually(
                 readiness, lambda reading: reading[1]["checks"]["partitions"]["ok"] is False
             )
@@ -175,3 +194,26 @@ async def test_services_in_one_process_each_serve_their_own_metrics(
                 assert ("cqrs_partitions_owned", ()) in samples
     finally:
         await other.stop()
+
+
+async def test_a_connection_without_a_request_head_is_closed_after_the_header_timeout(
+    command_settings: CommandServiceSettings,
+) -> None:
+    service = await start(command_settings.model_copy(update={"http_header_timeout_seconds": 1}))
+    try:
+        assert service.http is not None
+        opened = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.http.port)
+        try:
+            while await asyncio.wait_for(reader.read(65536), 10):
+                pass
+            closed_after = time.monotonic() - opened
+        finally:
+            writer.close()
+        async with httpx.AsyncClient(base_url=endpoint(service), timeout=5) as http:
+            health = await http.get("/healthz")
+    finally:
+        await service.stop()
+
+    assert 0.9 <= closed_after < 3, closed_after
+    assert health.status_code == 200

@@ -137,4 +137,5 @@ async def test_an_unreachable_store_is_503_not_500(settings: QueryServiceSetting
         response = await api.get(f"/accounts/{uuid4()}")
 
     assert response.status_code == 503
-    assert response.json() == {"detail": "read store unavailable"}
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == {"detail": "read store unavailable", "reason": "store_unavailable"}
