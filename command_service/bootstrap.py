@@ -86,7 +86,11 @@ async def start(
     """
     tolerate_invalid_utf8()
     await migrate_schema(settings.postgres_migration_dsn or settings.postgres_dsn)
-    pool = await create_pool(settings.postgres_dsn, settings.postgres_pool_size)
+    pool = await create_pool(
+        settings.postgres_dsn,
+        settings.postgres_pool_size,
+        stall_timeout=settings.leader_timeout_seconds,
+    )
     amqp = await aio_pika.connect_robust(settings.amqp_url)
     topology_channel = await amqp.channel()
     declared = await broker.declare_command_topology(

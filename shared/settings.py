@@ -97,7 +97,8 @@ class CommandServiceSettings(CommonSettings):
         ge=3,
         le=600,
         description="after a silent network cut, the bound on how long the relay, a process "
-        "manager or a partition lease stays with a replica that cannot reach PostgreSQL",
+        "manager or a partition lease stays with a replica that cannot reach PostgreSQL, and on "
+        "how long a silent session may hold a transaction open",
     )
     reply_queue_prefix: str = Field(
         default="cqrs.reply.",

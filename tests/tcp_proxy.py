@@ -1,7 +1,9 @@
 """A TCP proxy for tests: forwards a local port to a server and can cut it off.
 
 `cut()` drops every open connection and refuses new ones until `restore()`, which is what a
-client sees when its database restarts or the network between them fails.
+client sees when its database restarts or the network between them fails with a reset.
+`blackhole()` stops forwarding but keeps every socket open (and accepts new connections without
+forwarding them either) until `restore()`: a silent network cut, where no side is told.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ class TcpProxy:
         self._target = (target_host, target_port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.port = 0
 
     async def start(self) -> None:
@@ -34,10 +38,17 @@ class TcpProxy:
             writer.close()
         self._writers.clear()
 
+    async def blackhole(self) -> None:
+        self._flowing.clear()
+
     async def restore(self) -> None:
-        await self.start()
+        if self._server is None:
+            await self.start()
+        self._flowing.set()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        await self._flowing.wait()
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
         except OSError:
@@ -50,7 +61,12 @@ class TcpProxy:
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
+            while True:
+                await self._flowing.wait()
+                data = await reader.read(65536)
+                if not data:
+                    break
+                await self._flowing.wait()  # what arrived during a blackhole is held back
                 writer.write(data)
                 await writer.drain()
         writer.close()

@@ -214,7 +214,12 @@ async def _keep_session(connection: Connection) -> None:
     session locks or SET anything (asyncpg still ends an open transaction)."""
 
 
-async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
+async def create_pool(dsn: str, size: int, *, stall_timeout: float = 15.0) -> asyncpg.Pool:
+    """The service's pool. A session whose client went silent inside a transaction (a network
+    cut, a frozen replica) would hold the position counter's row lock, and so every append of
+    every replica, until the kernel's keepalive gives up (hours): the server ends such a session
+    after `stall_timeout` seconds idle in a transaction, or of unacknowledged data."""
+    millis = str(max(int(stall_timeout * 1000), 1000))
     async with translate_driver_errors():
         pool = await asyncpg.create_pool(
             dsn,
@@ -223,6 +228,11 @@ async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
             init=init_connection,
             reset=_keep_session,
             command_timeout=30,
+            server_settings={
+                "idle_in_transaction_session_timeout": millis,
+                "tcp_user_timeout": millis,
+                "statement_timeout": "30000",
+            },
         )
     assert pool is not None
     return pool

@@ -65,7 +65,9 @@ from shared.messages import Command, CommandEnvelope, Reply
 from tests.tcp_proxy import TcpProxy, through
 
 # broker-close: RabbitMQ itself closes every connection of the run's vhost (CONNECTION_FORCED,
-# what clients see when a node restarts); the -outage faults cut the TCP link for a while.
+# what clients see when a node restarts); the -outage faults cut the TCP link for a while;
+# database-blackhole silently stops one command replica's link to PostgreSQL (no reset, sockets
+# kept open) for longer than the leader timeout, so its leadership must pass to the other.
 FAULTS = (
     "kill-command",
     "kill-query",
@@ -73,7 +75,10 @@ FAULTS = (
     "database-outage",
     "mongo-outage",
     "broker-close",
+    "database-blackhole",
 )
+# The command replicas' leader timeout in the run, short so a blackhole outlasts it.
+LEADER_TIMEOUT_SECONDS = 6
 
 
 def with_path(url: str, path: str) -> str:
@@ -269,7 +274,9 @@ class Chaos:
         await admin.close()
         await migrate_schema(self.dsn)
         await self.reset_broker()
-        for name, url in (("broker", self.amqp), ("database", self.dsn), ("mongo", self.mongo)):
+        # One database link per command replica, so one of them can be cut off alone.
+        links = [("broker", self.amqp), ("database-0", self.dsn), ("database-1", self.dsn)]
+        for name, url in [*links, ("mongo", self.mongo)]:
             parts = urlsplit(url)
             proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 0)
             await proxy.start()
@@ -278,6 +285,7 @@ class Chaos:
             **os.environ,
             "CQRS_LOG_JSON": "true",
             "CQRS_RELAY_POLL_SECONDS": "0.5",
+            "CQRS_LEADER_TIMEOUT_SECONDS": str(LEADER_TIMEOUT_SECONDS),
             "CQRS_AMQP_URL": through(self.proxies["broker"], self.amqp),
         }
         for index in range(2):
@@ -287,7 +295,7 @@ class Chaos:
                     "command_service",
                     {
                         **common,
-                        "CQRS_POSTGRES_DSN": through(self.proxies["database"], self.dsn),
+                        "CQRS_POSTGRES_DSN": through(self.proxies[f"database-{index}"], self.dsn),
                         "CQRS_COMMAND_PARTITIONS": "4",
                         "CQRS_HTTP_PORT": "0",  # two replicas on one host
                     },
@@ -355,11 +363,19 @@ class Chaos:
                 victim.start()
             elif fault == "broker-close":
                 await self.close_broker_connections()
-            else:
-                proxy = self.proxies[fault.removesuffix("-outage")]
-                await proxy.cut()
-                await asyncio.sleep(self.args.outage_seconds)
+            elif fault == "database-blackhole":
+                proxy = self.proxies[f"database-{random.randrange(2)}"]
+                await proxy.blackhole()
+                await asyncio.sleep(self.args.blackhole_seconds)
                 await proxy.restore()
+            else:
+                name = fault.removesuffix("-outage")
+                proxies = [p for n, p in self.proxies.items() if n.startswith(name)]
+                for proxy in proxies:
+                    await proxy.cut()
+                await asyncio.sleep(self.args.outage_seconds)
+                for proxy in proxies:
+                    await proxy.restore()
             print(f"  {time.strftime('%H:%M:%S')} fault injected: {fault}", flush=True)
             await asyncio.sleep(interval)
 
@@ -620,6 +636,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=40, help="commands per second offered")
     parser.add_argument("--fault-interval", type=float, default=6, help="seconds between faults")
     parser.add_argument("--outage-seconds", type=float, default=3)
+    parser.add_argument(
+        "--blackhole-seconds",
+        type=float,
+        default=LEADER_TIMEOUT_SECONDS + 4,
+        help="how long one replica's database link is silently cut",
+    )
     parser.add_argument("--quiesce-seconds", type=float, default=120)
     parser.add_argument("--seed", type=int, default=7)
     return parser.parse_args()
