@@ -43,14 +43,19 @@ class Account(Aggregate):
     """A bank account holding an integer balance in minor units of one currency.
 
     Money leaving for a transfer is held as a pending debit until the transfer settles it or
-    refunds it; an account with pending debits cannot close.
+    refunds it; an account with pending debits cannot close. A refund always lands (the money
+    left this account, so the ledger balances only if it comes back); so that it can never take
+    the balance above `MAX_BALANCE`, money held for pending debits counts as still here when a
+    deposit or credit is checked against the limit: balance + held <= MAX_BALANCE holds after
+    every event.
     """
 
     aggregate_type = ACCOUNT
     commands = tuple(c for c in COMMANDS if c.aggregate_type == ACCOUNT)
     internal_commands = tuple(c for c in INTERNAL_COMMANDS if c.aggregate_type == ACCOUNT)
     events = ACCOUNT_EVENTS
-    snapshot_schema = 1
+    # 2: pending debits keep their amounts (held money counts against the balance limit).
+    snapshot_schema = 2
 
     def __init__(self, aggregate_id: UUID) -> None:
         super().__init__(aggregate_id)
@@ -58,7 +63,7 @@ class Account(Aggregate):
         self.owner_id = ""
         self.currency = ""
         self.balance = 0
-        self.pending_debits: set[UUID] = set()
+        self.pending_debits: dict[UUID, int] = {}  # transfer id -> amount held
 
     def snapshot_state(self) -> dict[str, Any]:
         return {
@@ -66,7 +71,7 @@ class Account(Aggregate):
             "owner_id": self.owner_id,
             "currency": self.currency,
             "balance": self.balance,
-            "pending_debits": sorted(str(t) for t in self.pending_debits),
+            "pending_debits": {str(t): amount for t, amount in sorted(self.pending_debits.items())},
         }
 
     def restore_state(self, state: dict[str, Any]) -> None:
@@ -74,7 +79,7 @@ class Account(Aggregate):
         self.owner_id = state["owner_id"]
         self.currency = state["currency"]
         self.balance = state["balance"]
-        self.pending_debits = {UUID(t) for t in state["pending_debits"]}
+        self.pending_debits = {UUID(t): amount for t, amount in state["pending_debits"].items()}
 
     def apply(self, event: Event) -> None:
         match event:
@@ -92,14 +97,14 @@ class Account(Aggregate):
                 self.status = "closed"
             case MoneyDebitedForTransfer(transfer_id=transfer_id, amount=amount):
                 self.balance -= amount
-                self.pending_debits.add(transfer_id)
+                self.pending_debits[transfer_id] = amount
             case MoneyCreditedFromTransfer(amount=amount):
                 self.balance += amount
             case TransferDebitRefunded(transfer_id=transfer_id, amount=amount):
                 self.balance += amount
-                self.pending_debits.discard(transfer_id)
+                self.pending_debits.pop(transfer_id, None)
             case TransferDebitSettled(transfer_id=transfer_id):
-                self.pending_debits.discard(transfer_id)
+                self.pending_debits.pop(transfer_id, None)
 
     def decide(self, command: Command) -> Sequence[Event]:
         match command:
@@ -183,7 +188,7 @@ class Account(Aggregate):
             )
 
     def _require_room_for(self, amount: int) -> None:
-        if self.balance + amount > MAX_BALANCE:
+        if self.balance + sum(self.pending_debits.values()) + amount > MAX_BALANCE:
             raise DomainError(
                 "balance_limit_exceeded",
                 f"balance would exceed the limit of {MAX_BALANCE} minor units",

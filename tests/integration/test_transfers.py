@@ -72,7 +72,7 @@ async def test_transfer_moves_money_and_completes(
     assert (await settled(store, transfer_id)).status == "completed"
     source, target = await load(store, Account, a), await load(store, Account, b)
     assert (source.balance, target.balance) == (70, 35)
-    assert source.pending_debits == set()
+    assert source.pending_debits == {}
 
 
 @pytest.mark.parametrize("obstacle", ["frozen", "currency"])
@@ -94,7 +94,7 @@ async def test_refused_credit_refunds_the_source_and_fails(
     assert transfer.status == "failed"
     source, target = await load(store, Account, a), await load(store, Account, b)
     assert (source.balance, target.balance) == (100, 0)
-    assert source.pending_debits == set()
+    assert source.pending_debits == {}
     types = [e.type for e in await store.load_stream(a)]
     assert types[-2:] == ["MoneyDebitedForTransfer", "TransferDebitRefunded"]
 
@@ -146,7 +146,7 @@ async def test_a_client_cannot_claim_the_command_ids_of_a_transfers_steps(
     assert (await settled(store, transfer_id)).status == "completed"
     source, target = await load(store, Account, a), await load(store, Account, b)
     assert (source.balance, target.balance) == (70, 5 + len(steps) + 30)
-    assert source.pending_debits == set()
+    assert source.pending_debits == {}
 
 
 async def test_a_transfer_that_died_half_way_is_finished_after_restart(

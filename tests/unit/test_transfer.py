@@ -9,6 +9,7 @@ from command_service.domain.process import IssuedCommand
 from command_service.domain.transfer import Transfer, TransferProcess
 from command_service.testing import scenario
 from shared.ledger import (
+    MAX_BALANCE,
     AccountClosed,
     AccountFrozen,
     AccountOpened,
@@ -16,6 +17,7 @@ from shared.ledger import (
     CompleteTransfer,
     CreditFromTransfer,
     DebitForTransfer,
+    DepositMoney,
     FailTransfer,
     MoneyCreditedFromTransfer,
     MoneyDebitedForTransfer,
@@ -62,7 +64,7 @@ class TestAccountSteps:
             .then(DEBITED)
         )
         assert account.balance == 70
-        assert account.pending_debits == {T}
+        assert account.pending_debits == {T: 30}
 
     def test_debit_beyond_balance_is_refused(self) -> None:
         scenario(Account).given(OPENED, MoneyDeposited(amount=10)).when(
@@ -82,7 +84,7 @@ class TestAccountSteps:
             .then(TransferDebitRefunded(transfer_id=T, amount=30, code="c", reason="r"))
         )
         assert account.balance == 30
-        assert account.pending_debits == set()
+        assert account.pending_debits == {}
 
     def test_refund_without_pending_debit_is_refused(self) -> None:
         scenario(Account).given(OPENED).when(
@@ -101,7 +103,7 @@ class TestAccountSteps:
             .when(SettleTransferDebit(transfer_id=T))
             .then(TransferDebitSettled(transfer_id=T))
         )
-        assert account.pending_debits == set()
+        assert account.pending_debits == {}
         assert account.balance == 0
         scenario(Account).given(
             OPENED, MoneyDeposited(amount=30), DEBITED, TransferDebitSettled(transfer_id=T)
@@ -171,3 +173,45 @@ class TestTransferProcess:
     def test_ignores_unrelated_events(self) -> None:
         assert self.process.react(TransferCompleted(), T) == []
         assert self.process.react(TransferFailed(code="c", reason="r"), T) == []
+
+
+class TestBalanceLimitWithHeldMoney:
+    """A refund always lands, so money held for a pending debit keeps its room under the
+    balance limit: a refund can never take the balance above `MAX_BALANCE`."""
+
+    FULL = (
+        AccountOpened(owner_id="alice", currency="EUR"),
+        MoneyDeposited(amount=MAX_BALANCE),
+        DEBITED,
+    )
+
+    def test_a_deposit_may_not_use_the_room_of_money_held_for_a_transfer(self) -> None:
+        scenario(Account).given(*self.FULL).when(DepositMoney(amount=30)).then_rejects(
+            "balance_limit_exceeded"
+        )
+
+    def test_a_credit_may_not_use_it_either(self) -> None:
+        scenario(Account).given(*self.FULL).when(
+            CreditFromTransfer(
+                transfer_id=uuid.uuid4(), amount=1, currency="EUR", from_account_id=B
+            )
+        ).then_rejects("balance_limit_exceeded")
+
+    def test_the_refund_then_fits_under_the_limit(self) -> None:
+        account = (
+            scenario(Account)
+            .given(*self.FULL)
+            .when(RefundTransferDebit(transfer_id=T, amount=30, code="c", reason="r"))
+            .then(TransferDebitRefunded(transfer_id=T, amount=30, code="c", reason="r"))
+        )
+        assert account.balance == MAX_BALANCE
+
+    def test_once_settled_the_room_is_free_again(self) -> None:
+        scenario(Account).given(*self.FULL, TransferDebitSettled(transfer_id=T)).when(
+            DepositMoney(amount=30)
+        ).then(MoneyDeposited(amount=30))
+
+    def test_held_amounts_survive_a_snapshot(self) -> None:
+        account = Account.rehydrate(A, self.FULL)
+        restored = Account.from_snapshot(account.id, account.version, account.snapshot_state())
+        assert restored.pending_debits == {T: 30}
