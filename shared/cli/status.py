@@ -338,10 +338,23 @@ def _command_panel(command: dict[str, Any], lag: dict[str, Any]) -> Panel:
                 ("relay published", relay.get("published_position")),
                 ("event store head", relay.get("head_position")),
                 ("relay backlog", Text(backlog_text, style="yellow" if backlog else "")),
+                ("failing tasks", _failing(command.get("failing_tasks") or [])),
             ]
         ),
         title=title,
         expand=False,
+    )
+
+
+def _failing(tasks: list[dict[str, Any]]) -> Text:
+    """Supervised tasks that keep failing, with their reason codes (see the README)."""
+    if not tasks:
+        return Text("none", style="green")
+    return Text(
+        ", ".join(
+            f"{t.get('task')} ({t.get('reason')}, {t.get('failures')} in a row)" for t in tasks
+        ),
+        style="red",
     )
 
 
@@ -382,6 +395,7 @@ def _query_panel(query: dict[str, Any], lag: dict[str, Any]) -> Panel:
                     ),
                 ),
                 ("projection lag", Text(lag_text, style="yellow" if events else "")),
+                ("failing tasks", _failing((checks.get("tasks") or {}).get("failing") or [])),
                 ("checkpoints", ", ".join(f"{k} {v}" for k, v in checkpoints.items())),
                 ("parked", parked.get("queue")),
                 ("read models", generations),

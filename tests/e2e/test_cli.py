@@ -113,6 +113,8 @@ class FakeCommandStatus(BaseHTTPRequestHandler):
         "partitions_owned": [0, 1],
         "relay": {"published_position": 40, "head_position": 42, "backlog": 2},
         "handled": 17,
+        "tasks": ["cqrs.commands.p0", "relay"],
+        "failing_tasks": [{"task": "relay", "reason": "publish_failed", "failures": 4}],
     }
 
     def do_GET(self) -> None:
@@ -170,6 +172,8 @@ async def test_status_shows_queues_consumers_and_the_relay(pair: Pair, command_s
     assert state["lag"]["relay_backlog"] == 2 and state["lag"]["published_position"] == 40
     pretty = await cqrs(pair, "status", command_url=command_status)
     assert "host-1234" in pretty.stdout and "replicas seen" in pretty.stdout
+    # A task that keeps failing is named with its reason code.
+    assert "relay (publish_failed, 4 in a row)" in " ".join(pretty.stdout.split())
 
 
 async def dead_letters_waiting(amqp_url: str, count: int) -> None:
