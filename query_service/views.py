@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Literal, TypeVar
 from uuid import UUID
 
+from bson.decimal128 import Decimal128
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from query_service.adapters.read_models import ReadModelCatalog
@@ -85,9 +86,18 @@ class CurrencyTotal(View):
 
 class OwnerSummaryView(View):
     owner_id: str
-    accounts: list[OwnerAccountView]
-    totals: list[CurrencyTotal]
-    updated_at: datetime | None = None
+    accounts: list[OwnerAccountView] = Field(
+        description="one page of the owner's accounts, in account-id order"
+    )
+    totals: list[CurrencyTotal] = Field(
+        description="per currency, over all the owner's accounts (not only this page's)"
+    )
+    updated_at: datetime | None = Field(
+        default=None, description="when the last event reflected, of any of its accounts, happened"
+    )
+    next_cursor: str | None = Field(
+        description="pass as `cursor` for the next page of accounts; null at the end"
+    )
 
 
 class TransferFailure(View):
@@ -225,27 +235,93 @@ async def account_transactions(
     )
 
 
-async def owner_document(owner_id: str, *, catalog: ReadModelCatalog) -> dict[str, Any] | None:
+async def owner_account_version(
+    owner_id: str, account_id: UUID, *, catalog: ReadModelCatalog
+) -> dict[str, Any] | None:
+    """`version` and `last_position` of one of the owner's accounts in its summary, or `None`."""
     collection = await catalog.collection(owners.NAME)
-    return await collection.find_one({"_id": str(owner_id)})
+    return await collection.find_one(
+        {"_id": str(account_id), "owner_id": str(owner_id)}, {"version": 1, "last_position": 1}
+    )
 
 
-def owner_summary(document: dict[str, Any]) -> OwnerSummaryView:
-    account_views = [
-        OwnerAccountView.model_validate({"id": account_id, **entry})
-        for account_id, entry in sorted(document.get("accounts", {}).items())
+def owner_totals_pipeline(owner_id: str) -> list[dict[str, Any]]:
+    """Per currency, over every account of the owner: balance, number of accounts, last update.
+
+    Balances are summed as decimals: 10^4 accounts at the balance limit already pass 2^63 minor
+    units, where a sum of 64-bit integers fails (or turns inexact).
+    """
+    return [
+        {"$match": {"owner_id": str(owner_id)}},
+        {
+            "$group": {
+                "_id": "$currency",
+                "balance": {"$sum": {"$toDecimal": "$balance"}},
+                "accounts": {"$sum": 1},
+                "updated_at": {"$max": "$updated_at"},
+            }
+        },
+        {"$sort": {"_id": 1}},
     ]
-    totals = [
-        CurrencyTotal(
-            currency=currency, balance=int(total["balance"]), accounts=int(total["accounts"])
-        )
-        for currency, total in sorted(document.get("totals", {}).items())
+
+
+def _exact(value: Any) -> int:
+    return int(value.to_decimal()) if isinstance(value, Decimal128) else int(value)
+
+
+# `_id` is the account id; the rest as stored.
+_OWNER_ACCOUNT_FIELDS: dict[str, int] = {
+    name: 1 for name in OwnerAccountView.model_fields if name != "id"
+}
+
+
+async def owner_summary(
+    owner_id: str,
+    *,
+    catalog: ReadModelCatalog,
+    limit: int = 50,
+    cursor: AccountsCursor | None = None,
+) -> OwnerSummaryView | None:
+    """One page of the owner's accounts in account-id order, and the totals over all of them.
+
+    `None` when the read model knows no account of this owner. The totals and the page are two
+    reads, each over one generation: while events arrive they may differ by what was projected
+    in between, but each account always appears whole, at one of its versions.
+    """
+    collection = await catalog.collection(owners.NAME)
+    totals = await (await collection.aggregate(owner_totals_pipeline(owner_id))).to_list()
+    if not totals:
+        return None
+    query: dict[str, Any] = {"owner_id": str(owner_id)}
+    if cursor is not None:
+        query["_id"] = {"$gt": str(cursor.after)}
+    found = (
+        await collection.find(query, projection=_OWNER_ACCOUNT_FIELDS)
+        .sort("_id", 1)
+        .limit(limit + 1)
+        .to_list()
+    )
+    items = [
+        OwnerAccountView.model_validate({**document, "id": document["_id"]})
+        for document in found[:limit]
     ]
+    next_cursor = encode_cursor(AccountsCursor(after=items[-1].id)) if len(found) > limit else None
     return OwnerSummaryView(
-        owner_id=str(document["owner_id"]),
-        accounts=account_views,
-        totals=totals,
-        updated_at=document.get("updated_at"),
+        owner_id=str(owner_id),
+        accounts=items,
+        totals=[
+            CurrencyTotal(
+                currency=str(total["_id"]),
+                balance=_exact(total["balance"]),
+                accounts=int(total["accounts"]),
+            )
+            for total in totals
+        ],
+        updated_at=max(
+            (total["updated_at"] for total in totals if total.get("updated_at") is not None),
+            default=None,
+        ),
+        next_cursor=next_cursor,
     )
 
 

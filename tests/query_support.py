@@ -31,8 +31,7 @@ T = TypeVar("T")
 ACCOUNTS = "accounts_v1"
 TRANSACTIONS = "transactions_v1"
 TRANSACTION_HEADS = "transaction_heads_v1"
-OWNER_SUMMARIES = "owner_summaries_v1"
-OWNER_SUMMARY_ACCOUNTS = "owner_summary_accounts_v1"
+OWNER_ACCOUNTS = "owner_accounts_v1"
 TRANSFERS = "transfers_v1"
 
 # Global positions only need to grow within a test; a shared counter keeps them unique.

@@ -83,7 +83,7 @@ from query_service.views import (
     account_transactions,
     decode_cursor,
     list_accounts,
-    owner_document,
+    owner_account_version,
     owner_summary,
     transaction_head,
     transfer_status,
@@ -157,6 +157,8 @@ class SummaryParams(Freshness):
     account_id: UUID | None = Field(
         default=None, description="the account `min_version` / `min_position` refer to"
     )
+    limit: int = Field(default=DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="accounts per page")
+    cursor: str | None = Field(default=None, pattern=CURSOR_PATTERN)
 
 
 # --- responses -------------------------------------------------------------------------------
@@ -434,55 +436,49 @@ async def get_owner_summary(
     settings: Settings,
     waits: Waits,
 ) -> OwnerSummaryView:
-    """An owner's accounts and total balance per currency.
+    """An owner's accounts, page by page, and its total balance per currency.
 
-    The summary spans several accounts, which are projected independently; to read your write,
-    name the account the command touched: `?account_id=<id>&min_version=<version>`.
+    `accounts` is one page in account-id order (pass `next_cursor` back as `cursor`); `totals`
+    always covers all the owner's accounts. The summary spans several accounts, which are
+    projected independently; to read your write, name the account the command touched:
+    `?account_id=<id>&min_version=<version>`.
     """
-    if params.wanted and params.account_id is None:
-        raise HTTPException(
-            status_code=422,
-            detail=[
-                {
-                    "loc": ["query", "account_id"],
-                    "msg": "min_version / min_position on a summary need the account_id they "
-                    "refer to: the summary spans accounts projected independently",
-                    "type": "missing",
-                }
-            ],
-        )
-
-    async def read() -> dict[str, Any] | None:
-        return await owner_document(owner_id, catalog=catalog)
-
-    def entry(document: dict[str, Any] | None) -> dict[str, Any] | None:
-        if document is None or params.account_id is None:
-            return None
-        found: dict[str, Any] | None = document.get("accounts", {}).get(str(params.account_id))
-        return found
-
-    if not params.wanted:
-        document = await read()
-    else:
-
-        def ready(document: dict[str, Any] | None) -> bool:
-            found = entry(document)
-            return found is not None and params.met_by(
-                int(found["version"]), int(found["last_position"])
+    cursor = _cursor(params.cursor, AccountsCursor)
+    if params.wanted:
+        if params.account_id is None:
+            raise HTTPException(
+                status_code=422,
+                detail=[
+                    {
+                        "loc": ["query", "account_id"],
+                        "msg": "min_version / min_position on a summary need the account_id "
+                        "they refer to: the summary spans accounts projected independently",
+                        "type": "missing",
+                    }
+                ],
             )
+        account_id = params.account_id
 
-        document, caught_up = await wait_for(
-            read, ready, timeout=settings.read_wait_seconds, waits=waits
+        async def read() -> dict[str, Any] | None:
+            return await owner_account_version(owner_id, account_id, catalog=catalog)
+
+        entry, caught_up = await wait_for(
+            read,
+            lambda found: (
+                found is not None
+                and params.met_by(int(found["version"]), int(found["last_position"]))
+            ),
+            timeout=settings.read_wait_seconds,
+            waits=waits,
         )
         if not caught_up:
             raise NotCaughtUpError(
-                f"summary of owner {owner_id} (account {params.account_id})",
-                params,
-                _reached(entry(document)),
+                f"summary of owner {owner_id} (account {account_id})", params, _reached(entry)
             )
-    if document is None:
+    summary = await owner_summary(owner_id, catalog=catalog, limit=params.limit, cursor=cursor)
+    if summary is None:
         raise HTTPException(status_code=404, detail=OWNER_NOT_FOUND)
-    return owner_summary(document)
+    return summary
 
 
 @router.get("/transfers/{transfer_id}", response_model=TransferView, responses=FRESHNESS)

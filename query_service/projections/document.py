@@ -27,17 +27,20 @@ C = TypeVar("C", bound=Event)
 class DocumentRules(Generic[C]):
     """How the events of one aggregate type make and change its document."""
 
-    name: str  # the read model's name, and its collection's
+    name: str  # the read model's name, and its collection's unless `collection` says otherwise
     aggregate_type: str
     events: Sequence[type[Event]]
     creating: type[C]
     created: Callable[[C, EventEnvelope], dict[str, Any]]  # the new document's fields
     updated: Callable[[Event, EventEnvelope], dict[str, Any]]  # a MongoDB update
     indexes: Sequence[IndexModel] = ()
+    collection: str = ""  # the collection's logical name, when it is not the read model's
     event_types: Mapping[str, type[Event]] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "event_types", {e.type_name(): e for e in self.events})
+        if not self.collection:
+            object.__setattr__(self, "collection", self.name)
 
     def handles(self, envelope: EventEnvelope) -> bool:
         return envelope.aggregate_type == self.aggregate_type and envelope.type in self.event_types
@@ -114,7 +117,7 @@ class DocumentReadModel(Generic[C]):
 
     @property
     def collections(self) -> tuple[str, ...]:
-        return (self.rules.name,)
+        return (self.rules.collection,)
 
     @property
     def aggregate_types(self) -> frozenset[str]:
@@ -122,16 +125,18 @@ class DocumentReadModel(Generic[C]):
 
     @property
     def version_collection(self) -> str:
-        return self.rules.name
+        return self.rules.collection
 
     def handles(self, envelope: EventEnvelope) -> bool:
         return self.rules.handles(envelope)
 
     def indexes(self) -> Mapping[str, Sequence[IndexModel]]:
-        return {self.rules.name: list(self.rules.indexes)} if self.rules.indexes else {}
+        return {self.rules.collection: list(self.rules.indexes)} if self.rules.indexes else {}
 
     def bind(self, collections: Mapping[str, AsyncCollection[Document]]) -> DocumentProjection[C]:
-        return DocumentProjection(self.rules, VersionedCollection(collections[self.rules.name]))
+        return DocumentProjection(
+            self.rules, VersionedCollection(collections[self.rules.collection])
+        )
 
     def versions(self, document: Document) -> dict[str, int]:
         return {str(document["_id"]): int(document["version"])}

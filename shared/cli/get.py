@@ -175,11 +175,20 @@ def get_transactions(
 @app.command("owner")
 def get_owner(
     owner_id: str,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    account: Annotated[
+        str | None, typer.Option(help="with --min-version: the account it refers to")
+    ] = None,
+    min_version: MinVersion = None,
     as_json: JsonOption = False,
     url: QueryUrlOption = None,
 ) -> None:
-    """An owner's accounts and total balance per currency."""
-    body = expect_ok(http_get(query_url(url), f"/owners/{owner_id}/summary"), f"owner {owner_id}")
+    """An owner's total balance per currency and its accounts, one page at a time."""
+    params = {"limit": limit, "cursor": cursor, "account_id": account, "min_version": min_version}
+    body = expect_ok(
+        http_get(query_url(url), f"/owners/{owner_id}/summary", params), f"owner {owner_id}"
+    )
     if as_json:
         print_json(body)
         return
@@ -188,7 +197,8 @@ def get_owner(
         totals.add_column(column, justify="left" if column == "currency" else "right")
     for total in body["totals"]:
         totals.add_row(total["currency"], money(total["balance"]), str(total["accounts"]))
-    accounts = Table(title="accounts")
+    count = sum(int(total["accounts"]) for total in body["totals"])
+    accounts = Table(title=f"accounts ({len(body['accounts'])} of {count:,})")
     for column in ("id", "balance", "status", "version"):
         accounts.add_column(column, justify="right" if column in ("balance", "version") else "left")
     for item in body["accounts"]:
@@ -200,6 +210,7 @@ def get_owner(
         )
     out().print(totals)
     out().print(accounts)
+    _next_page(body)
 
 
 @app.command("transfer")

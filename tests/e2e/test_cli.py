@@ -93,6 +93,25 @@ async def test_send_and_get_round_trip(pair: Pair) -> None:
     assert [item["amount"] for item in history.json()["items"]] == [250, 1000]
     owner = await cqrs(pair, "get", "owner", "cli-alice", "--json")
     assert owner.json()["totals"] == [{"currency": "EUR", "balance": 1250, "accounts": 1}]
+    second = await cqrs(pair, "send", "OpenAccount", "owner_id=cli-alice", "currency=EUR", "--json")
+    assert second.code == 0, second.stderr
+    other = second.json()["aggregate_id"]
+    first_page = await cqrs(
+        pair, "get", "owner", "cli-alice", "--limit", "1", "--account", other,
+        "--min-version", "1",
+    )  # fmt: skip
+    assert first_page.code == 0, first_page.stderr
+    assert "accounts (1 of 2)" in first_page.stdout
+    assert min(account, other) in first_page.stdout and max(account, other) not in first_page.stdout
+    assert "more: --cursor" in first_page.stdout
+    paged = (await cqrs(pair, "get", "owner", "cli-alice", "--limit", "1", "--json")).json()
+    last_page = await cqrs(
+        pair, "get", "owner", "cli-alice", "--limit", "1", "--cursor", paged["next_cursor"],
+        "--json",
+    )  # fmt: skip
+    assert [item["id"] for item in last_page.json()["accounts"]] == [max(account, other)]
+    assert last_page.json()["next_cursor"] is None
+    assert last_page.json()["totals"] == [{"currency": "EUR", "balance": 1250, "accounts": 2}]
     listed = await cqrs(pair, "get", "accounts", "--owner", "cli-alice")
     assert account in listed.stdout
 

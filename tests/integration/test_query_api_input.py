@@ -70,6 +70,8 @@ OPERATOR_INJECTIONS = [
     ("/owners/%7B%22%24ne%22%3Anull%7D/summary", "", "owner_id"),  # {"$ne":null}
     ("/owners/%24ne/summary", "", "owner_id"),
     ("/owners/alice/summary", "account_id[$ne]=x", "account_id[$ne]"),
+    ("/owners/alice/summary", "cursor=" + cursor_of({"after": {"$gt": ""}}), "cursor"),
+    ("/owners/alice/summary", "limit[$gt]=1", "limit[$gt]"),
     ("/accounts/%7B%22%24gt%22%3A%22%22%7D", "", "account_id"),
     ("/transfers/%24where", "", "transfer_id"),
 ]
@@ -102,6 +104,9 @@ BAD_INPUT = [
     ("/accounts", "cursor=" + "A" * 600, "cursor"),
     ("/accounts", "cursor=Zm9v", "cursor"),  # base64 of "foo"
     ("/accounts/{account}/transactions", "limit=-1", "limit"),
+    ("/owners/alice/summary", "limit=0", "limit"),
+    ("/owners/alice/summary", "limit=201", "limit"),
+    ("/owners/alice/summary", "cursor=Zm9v", "cursor"),
     ("/accounts/{account}/transactions", "cursor=" + cursor_of({"before": 1}), "cursor"),
     ("/accounts/{account}", "min_version=0", "min_version"),
     ("/accounts/{account}", "min_version=-3", "min_version"),

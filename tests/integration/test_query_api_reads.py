@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 from uuid import uuid4
 
@@ -161,6 +162,54 @@ async def test_shows_an_owner_summary(
         str(pound): (5, 2),
     }
     assert (await api.get("/owners/nobody/summary")).status_code == 404
+
+
+async def test_pages_an_owners_accounts_with_totals_over_all_of_them(
+    api: httpx.AsyncClient, database: AsyncDatabase[Document]
+) -> None:
+    accounts = sorted((uuid4() for _ in range(5)), key=str)
+    events = [
+        e
+        for index, account in enumerate(accounts)
+        for e in opened_account(
+            account, owner_id="paula", currency="GBP" if index == 2 else "EUR", deposit=index + 1
+        )
+    ]
+    events.append(envelope(accounts[4], 3, AccountFrozen()))
+    await feed(database, events)
+    url = "/owners/paula/summary"
+
+    bodies = []
+    cursor = None
+    while True:
+        query: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        response = await api.get(url, params=query)
+        assert response.status_code == 200, response.text
+        bodies.append(response.json())
+        cursor = bodies[-1]["next_cursor"]
+        if cursor is None:
+            break
+    waited = await api.get(
+        url, params={"limit": 1, "account_id": str(accounts[4]), "min_version": 3}
+    )
+
+    assert [[a["id"] for a in body["accounts"]] for body in bodies] == [
+        [str(a) for a in accounts[0:2]],
+        [str(a) for a in accounts[2:4]],
+        [str(accounts[4])],
+    ]
+    totals = [
+        {"currency": "EUR", "balance": 1 + 2 + 4 + 5, "accounts": 4},
+        {"currency": "GBP", "balance": 3, "accounts": 1},
+    ]
+    assert all(body["totals"] == totals for body in bodies)
+    assert all(body["owner_id"] == "paula" for body in bodies)
+    assert bodies[-1]["accounts"][0]["status"] == "frozen"
+    assert waited.status_code == 200
+    assert (waited.json()["totals"], len(waited.json()["accounts"])) == (totals, 1)
+    assert waited.json()["next_cursor"] is not None
+    latest = events[-1].recorded_at  # the freezing, the last event of any of its accounts
+    assert all(datetime.fromisoformat(body["updated_at"]) == latest for body in bodies)
 
 
 async def test_shows_a_transfer_and_its_failure(

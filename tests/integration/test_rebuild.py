@@ -445,3 +445,92 @@ async def test_events_after_the_final_check_reach_the_new_generation_through_the
 
     expected = await reference_snapshot(settings.mongo_url, ledger.published)
     assert differences(await snapshot(database), expected) == []
+
+
+async def test_a_rebuild_replaces_owner_summaries_of_the_shape_before_the_upgrade(
+    settings: QueryServiceSettings,
+    database: AsyncDatabase[Document],
+    events: AbstractExchange,
+    connection: AbstractRobustConnection,
+) -> None:
+    # Three accounts projected by an older version: the other read models hold them as today,
+    # the owner summary as one document per owner with an account -> owner collection.
+    ledger = Ledger(events, seed=7)
+    owner, old = "upgraded", [uuid4() for _ in range(3)]
+    catalog = build_catalog(database)
+    for index, account in enumerate(old):
+        for event in opened_account(account, owner_id=owner, deposit=100 * (index + 1)):
+            ledger.versions[account] = event.version
+            ledger.published.append(event)
+            for name in ("accounts", "transactions"):
+                await catalog.projection(name, 1).apply(event)
+    ledger.accounts += old
+    await database["owner_summary_accounts_v1"].insert_many(
+        [{"_id": str(account), "owner_id": owner, "currency": "EUR"} for account in old]
+    )
+    await database["owner_summaries_v1"].insert_one(
+        {
+            "_id": owner,
+            "owner_id": owner,
+            "accounts": {
+                str(account): {
+                    "currency": "EUR",
+                    "balance": 100 * (index + 1),
+                    "status": "open",
+                    "version": 2,
+                    "last_position": 0,
+                    "opened_at": ledger.published[0].recorded_at,
+                }
+                for index, account in enumerate(old)
+            },
+            "totals": {"EUR": {"balance": 600, "accounts": 3}},
+        }
+    )
+
+    # After the upgrade, before the rebuild: events of the old accounts are neither waited on
+    # nor parked, and a new account is projected in the new shape.
+    fresh = uuid4()
+    await ledger.emit(old[0], MoneyDeposited(amount=5))
+    await ledger.emit(old[1], MoneyWithdrawn(amount=7))
+    # One aggregate's events are handled one after another, so once these are projected the
+    # events before them were acknowledged or parked.
+    await ledger.emit(old[0], AccountFrozen())
+    await ledger.emit(old[1], AccountFrozen())
+    for event in opened_account(fresh, owner_id=owner, deposit=40):
+        ledger.versions[fresh] = event.version
+        ledger.published.append(event)
+        await publish(events, event)
+    ledger.accounts.append(fresh)
+    await projected(database, ledger)
+    assert await parked_count(connection) == 0
+
+    app = create_app(settings, database=database)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api,
+    ):
+        before = (await api.get(f"/owners/{owner}/summary")).json()
+        async with FakeReplayServer(settings.amqp_url, ledger.published):
+            result = await Rebuild(
+                catalog, AmqpReplaySource(connection), ["owner_summaries"], policy=FAST
+            ).run()
+        after = (await api.get(f"/owners/{owner}/summary")).json()
+
+    # Until the rebuild, the summary knew only the account opened since the upgrade.
+    assert [item["id"] for item in before["accounts"]] == [str(fresh)]
+    assert result.switched == ["owner_summaries"]
+    assert sorted(item["id"] for item in after["accounts"]) == sorted(map(str, [*old, fresh]))
+    assert after["totals"] == [{"currency": "EUR", "balance": 100 + 5 + 200 - 7 + 300 + 40,
+                                "accounts": 4}]  # fmt: skip
+    names = set(await database.list_collection_names())
+    assert "owner_accounts_v2" in names
+    assert not {"owner_summaries_v1", "owner_summary_accounts_v1", "owner_accounts_v1"} & names
+    expected = await reference_snapshot(settings.mongo_url, ledger.published)
+    rebuilt = await snapshot(database)
+    assert (
+        differences(
+            {"owner_accounts": rebuilt["owner_accounts"]},
+            {"owner_accounts": expected["owner_accounts"]},
+        )
+        == []
+    )
