@@ -126,6 +126,7 @@ async def start(
         replies=replies.default_exchange,
         dead_letters=await broker.declare_dead_letter_exchange(confirmed),
         max_message_bytes=settings.max_message_bytes,
+        transient_retry_seconds=settings.command_retry_seconds,
         metrics=metrics,
         supervisor=supervisor,
         reply_queue_prefix=settings.reply_queue_prefix,

@@ -84,6 +84,12 @@ class CommandServiceSettings(CommonSettings):
     snapshot_every: int = Field(
         default=100, ge=0, description="snapshot an aggregate every N versions (`0`: never)"
     )
+    command_retry_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="how long a command waits in place for an unreachable event store before "
+        "it is requeued (and waited for again)",
+    )
     relay_batch_size: int = Field(
         default=500, ge=1, le=10_000, description="events per relay / process-manager batch"
     )

@@ -54,6 +54,21 @@ async def drain(
     return received
 
 
+async def drain_through(
+    queue: AbstractQueue, last_cause: uuid.UUID, timeout: float = 10.0
+) -> list[EventEnvelope]:
+    """Every event up to and including the first one caused by command `last_cause`.
+
+    The relay publishes in position order on one channel, so once a later command's event has
+    arrived, every event stored before it has arrived too: what came before is all there is.
+    """
+    received: list[EventEnvelope] = []
+    while not received or received[-1].metadata.causation_id != str(last_cause):
+        [message] = await drain(queue, 1, timeout)
+        received.append(EventEnvelope.model_validate_json(message.body))
+    return received
+
+
 async def test_accepted_commands_are_replied_and_their_events_published_in_order(
     client: CommandClient, events_queue: AbstractQueue
 ) -> None:
@@ -106,9 +121,11 @@ async def test_resent_command_answers_duplicate_and_publishes_nothing_new(
     assert first.status == "accepted"
     assert again.status == "duplicate"
     assert (again.version, again.position) == (first.version, first.position)
-    await drain(events_queue, 1)
-    await asyncio.sleep(0.5)
-    assert await events_queue.get(fail=False) is None
+    # Sent after the duplicate was answered: its event comes after anything the duplicate stored.
+    later = await client.send_command(DepositMoney(amount=1), account)
+    assert (later.status, later.version) == ("accepted", 2)
+    published = await drain_through(events_queue, later.command_id)
+    assert [(e.type, e.version) for e in published] == [("AccountOpened", 1), ("MoneyDeposited", 2)]
 
 
 BAD_MESSAGES = {
@@ -163,10 +180,20 @@ async def test_bad_input_is_dead_lettered_with_reason_and_rejected(
     assert dead_letter.body == (body if len(body) <= limit else body[:TRUNCATED_BODY_BYTES])
     assert str(dead_letter.headers[topology.REASON_HEADER]).startswith(code)
 
-    # The consumer is still alive and nothing was stored for the bad message.
+    # The consumer is still alive, and nothing was stored for the bad message: the command
+    # log and the event store (fresh for this test) hold the next command and its event only.
     account = uuid.uuid4()
     ok = await client.send_command(OpenAccount(owner_id="dave", currency="EUR"), account)
     assert (ok.status, ok.version) == ("accepted", 1)
+    async with command_service.pool.acquire() as connection:
+        logged = await connection.fetch("SELECT command_id FROM commands")
+        stored = await connection.fetch(
+            "SELECT stream_id, metadata->>'causation_id' AS causation FROM events"
+        )
+    assert [row["command_id"] for row in logged] == [ok.command_id]
+    assert [(row["stream_id"], row["causation"]) for row in stored] == [
+        (account, str(ok.command_id))
+    ]
 
 
 async def test_command_without_aggregate_header_is_still_handled(

@@ -6,13 +6,18 @@ import asyncio
 import uuid
 
 import aio_pika
+import httpx
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
 from command_service.bootstrap import start
 from shared import topology
-from shared.client import CommandClient
-from shared.ledger import DepositMoney, OpenAccount
+from shared.client import CommandClient, envelope_for
+from shared.ledger import DepositMoney, OpenAccount, WithdrawMoney
+from shared.messages import Command, Reply
 from shared.settings import CommandServiceSettings
+from tests.metrics_support import scrape, value
+from tests.query_support import eventually
 from tests.tcp_proxy import TcpProxy, through
 
 pytestmark = pytest.mark.integration
@@ -63,6 +68,106 @@ async def test_a_command_sent_while_the_database_is_down_is_handled_when_it_retu
             version for i, (version, _) in enumerate(received) if received[i] not in received[:i]
         ]
         assert first_seen == [2, 3]
+    finally:
+        await connection.close()
+        await service.stop()
+
+
+async def test_an_outage_longer_than_the_retry_window_requeues_commands_and_keeps_their_order(
+    command_settings: CommandServiceSettings, postgres_proxy: TcpProxy, broker: str
+) -> None:
+    """Past `CQRS_COMMAND_RETRY_SECONDS` the command in hand goes back to its queue: never acked,
+    never dead-lettered, and handled once, in order with the others, when the database returns.
+
+    The cut also takes the partition leases' connection, so within about a second the replica
+    gives its partitions up (after the message in hand is settled) and takes them again once
+    the database is back; the commands wait in their queues meanwhile.
+    """
+    settings = command_settings.model_copy(
+        update={
+            "postgres_dsn": through(postgres_proxy, command_settings.postgres_dsn),
+            "command_retry_seconds": 1.0,
+        }
+    )
+    service = await start(settings)
+    assert service.http is not None
+    metrics = f"http://127.0.0.1:{service.http.port}/metrics"
+    connection = await aio_pika.connect(broker)
+    try:
+        channel = await connection.channel()  # with publisher confirms: published in order
+        commands = await channel.get_exchange(topology.COMMANDS_EXCHANGE)
+        reply_queue = await channel.declare_queue(exclusive=True)
+        replies: dict[str, Reply] = {}
+
+        async def on_reply(message: AbstractIncomingMessage) -> None:
+            replies[str(message.correlation_id)] = Reply.model_validate_json(message.body)
+
+        await reply_queue.consume(on_reply, no_ack=True)
+
+        async def publish(command: Command, account: uuid.UUID) -> str:
+            envelope = envelope_for(command, account)
+            await commands.publish(
+                aio_pika.Message(
+                    envelope.model_dump_json().encode(),
+                    content_type="application/json",
+                    message_id=str(envelope.command_id),
+                    correlation_id=str(envelope.command_id),
+                    reply_to=reply_queue.name,
+                    headers={topology.AGGREGATE_ID_HEADER: str(account)},
+                ),
+                routing_key=topology.routing_key(command.aggregate_type, envelope.type),
+            )
+            return str(envelope.command_id)
+
+        async def answered(command_ids: list[str]) -> list[Reply]:
+            async def missing() -> int:
+                return len(set(command_ids) - set(replies))
+
+            await eventually(missing, lambda count: count == 0, timeout=60)
+            return [replies[command_id] for command_id in command_ids]
+
+        async def settled(outcome: str) -> float:
+            async with httpx.AsyncClient() as http:
+                samples = await scrape(http, metrics)
+            return sum(
+                value(samples, "cqrs_commands_total", type=kind, outcome=outcome)
+                for kind in ("DepositMoney", "WithdrawMoney")
+            )
+
+        account = uuid.uuid4()
+        [opened] = await answered(
+            [await publish(OpenAccount(owner_id="o", currency="EUR"), account)]
+        )
+        assert (opened.status, opened.version) == ("accepted", 1)
+
+        await postgres_proxy.cut()
+        # Each withdrawal takes what the deposit just before it brought: out of order, one of
+        # them would be refused for want of funds.
+        sent = []
+        for amount in (10, 20, 30):
+            sent.append(await publish(DepositMoney(amount=amount), account))
+            sent.append(await publish(WithdrawMoney(amount=amount), account))
+        # The window ran out for the command in hand, and it went back to its queue.
+        await eventually(lambda: settled("requeued"), lambda count: count >= 1, timeout=30)
+        assert set(replies) == {str(opened.command_id)}  # nothing answered, so nothing acked
+        await postgres_proxy.restore()
+
+        handled = await answered(sent)
+        assert [(r.status, r.version) for r in handled] == [("accepted", v) for v in range(2, 8)]
+        dead = await channel.declare_queue(topology.COMMAND_DEAD_LETTER_QUEUE, passive=True)
+        assert dead.declaration_result.message_count == 0
+        # Handled once each: six settled as accepted, none as a duplicate, and one event per
+        # command, in the order they were sent.
+        assert (await settled("accepted"), await settled("duplicate")) == (6, 0)
+        async with service.pool.acquire() as db:
+            rows = await db.fetch(
+                """SELECT version, metadata->>'causation_id' AS causation FROM events
+                   WHERE stream_id = $1 AND version > 1 ORDER BY version""",
+                account,
+            )
+        assert [(row["version"], row["causation"]) for row in rows] == list(
+            zip(range(2, 8), sent, strict=True)
+        )
     finally:
         await connection.close()
         await service.stop()

@@ -154,7 +154,7 @@ FORBIDDEN: dict[str, Action] = {
     "read another database": lambda db: db.client[OTHER]["secrets"].find_one({}),
     "drop another database's collection": lambda db: db.client[OTHER].drop_collection("secrets"),
     "drop its own database": lambda db: db.client.drop_database(DATABASE),
-    "list the databases": lambda db: db.client.list_database_names(),
+    "list another database's collections": lambda db: db.client[OTHER].list_collection_names(),
     "create a user": lambda db: db.command(
         "createUser", "intruder", pwd="x", roles=[{"role": "readWrite", "db": OTHER}]
     ),
@@ -179,6 +179,28 @@ async def test_the_query_user_is_refused_everything_else(
         assert OTHER in await root.list_database_names()
     finally:
         await root.close()
+
+
+async def test_the_query_user_sees_no_other_database(
+    server: SecuredServer, as_query: AsyncDatabase[Document]
+) -> None:
+    """Listing databases: SecantusDB refuses it to a user without the privilege; MongoDB answers
+    with only the databases the user has privileges on (`authorizedDatabases`). Either way no
+    other database's name or size shows."""
+    await as_query["listing_scratch"].insert_one({"_id": 1})  # so its own database exists
+    refused: OperationFailure | None = None
+    try:
+        listed = {entry["name"] async for entry in await as_query.client.list_databases()}
+        listed |= set(await as_query.client.list_database_names())
+    except OperationFailure as e:
+        refused = e
+    finally:
+        await as_query.drop_collection("listing_scratch")
+
+    if refused is not None:
+        assert refused.code == UNAUTHORIZED
+    else:
+        assert listed <= {DATABASE}
 
 
 async def test_the_reader_reads_and_writes_nothing(
