@@ -124,8 +124,11 @@ class Subscription:
                     )
                 mark_healthy()  # a whole round went through
                 if len(events) < self._batch_size:
+                    # Not `asyncio.wait_for`: on Python 3.11 it can swallow a cancellation
+                    # that arrives as the notification wakes it, and `stop()` would hang.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), self._poll_seconds)
+                        async with asyncio.timeout(self._poll_seconds):
+                            await wake.wait()
         finally:
             with contextlib.suppress(*RECOVERABLE_ERRORS):
                 await connection.close(timeout=2)

@@ -7,7 +7,9 @@ Acknowledgement policy:
   replied when the sender asked for replies, and the original is acked;
 - a domain rule violation → a normal `rejected` reply, stored for idempotency, acked;
 - the event store unreachable → retried with backoff, in place (so the partition keeps its
-  order), then nacked with requeue; never acked early;
+  order), then the partition's channel is closed, which returns this command and every later one
+  delivered meanwhile to the queue in their order, and consumption resumes after a pause; never
+  acked early;
 - anything else the handling raises → the command is dead-lettered with `internal_error` (the
   traceback goes to the log), replied, acked, and the partition goes on: no single message can
   stop it;
@@ -56,6 +58,8 @@ NIL_UUID = UUID(int=0)
 JSON_CONTENT_TYPES = {None, "", "application/json"}
 # Server-named queues and direct reply-to: what the broker itself names for a client.
 BROKER_REPLY_QUEUE_PREFIXES = ("amq.gen-", "amq.rabbitmq.reply-to")
+# How long a partition whose event store stayed away waits before it consumes again.
+PAUSE_SECONDS = 1.0
 INTERNAL_ERROR_REPLY = (
     "the command could not be processed; it was set aside (dead-lettered) for an operator"
 )
@@ -81,6 +85,11 @@ class BadCommandError(Exception):
         self.message = message
         self.envelope = envelope
         self.reply = reply if reply is not None else message
+
+
+class PartitionPausedError(Exception):
+    """The event store stayed away past the retry window: the partition's consumer lets go of
+    everything it holds (returned to the queue in order) and consumes again after a pause."""
 
 
 def _describe(error: ValidationError) -> str:
@@ -173,6 +182,9 @@ class CommandConsumer:
                     # again, on a new channel, once the robust connection is back.
                     log.warning("partition_consumer_interrupted", queue=name, error=repr(e))
                     await asyncio.wait({stopped}, timeout=1.0)
+                except PartitionPausedError:
+                    log.warning("partition_paused", queue=name, pause_seconds=PAUSE_SECONDS)
+                    await asyncio.wait({stopped}, timeout=PAUSE_SECONDS)
         finally:
             stopped.cancel()
 
@@ -250,11 +262,13 @@ class CommandConsumer:
         except EventStoreUnavailableError as e:
             span.set("cqrs.outcome", "requeued")
             log.error("command_requeued", error=str(e))
-            await message.nack(requeue=True)
             self._metrics.settled(
                 envelope.type if envelope else None, "requeued", time.perf_counter() - started
             )
-            return
+            # Not a nack of this one message: the next ones are delivered here already and would
+            # be handled before it came back. Closing the channel returns it and all of them to
+            # the queue, in their order.
+            raise PartitionPausedError(str(e)) from e
         except Exception as e:  # one message must not stop the partition
             log.error("command_failed", exc_info=e)
             span.set("cqrs.outcome", "failed")

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import aio_pika
+import asyncpg
 import httpx
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
@@ -170,4 +171,51 @@ async def test_an_outage_longer_than_the_retry_window_requeues_commands_and_keep
         )
     finally:
         await connection.close()
+        await service.stop()
+
+
+async def test_appends_failing_while_the_leases_stay_up_keep_the_partitions_order(
+    command_settings: CommandServiceSettings, broker: str, pg_dsn: str
+) -> None:
+    """The database answers, but every append fails (here: its lock wait is cancelled) for
+    longer than the retry window, while the partition leases stay held: the partition's
+    consumer must not go on with the commands delivered behind the one it gives back."""
+    settings = command_settings.model_copy(update={"command_retry_seconds": 0.5})
+    service = await start(settings)
+    holder = await asyncpg.connect(pg_dsn)
+    canceller = await asyncpg.connect(pg_dsn)
+    try:
+        async with await CommandClient.connect(broker) as client:
+            account = uuid.uuid4()
+            opened = await client.send_command(OpenAccount(owner_id="o", currency="EUR"), account)
+            assert opened.status == "accepted"
+            async with holder.transaction():
+                # Every append waits for this row lock, and every wait is cancelled: the
+                # appends fail as a database in trouble makes them fail, again and again.
+                await holder.execute("SELECT last FROM event_position FOR UPDATE")
+
+                async def cancel_lock_waits() -> None:
+                    while True:
+                        await canceller.execute(
+                            """SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+                               WHERE wait_event_type = 'Lock'
+                                 AND datname = current_database()"""
+                        )
+                        await asyncio.sleep(0.05)
+
+                cancelling = asyncio.create_task(cancel_lock_waits())
+                sent = [
+                    asyncio.create_task(client.send_command(command, account, timeout=60))
+                    for amount in (10, 20, 30)
+                    for command in (DepositMoney(amount=amount), WithdrawMoney(amount=amount))
+                ]
+                await asyncio.sleep(3)  # several retry windows go by
+                cancelling.cancel()
+                await asyncio.gather(cancelling, return_exceptions=True)
+            replies = [await reply for reply in sent]
+        # Each withdrawal came after its deposit, so none may be short of funds.
+        assert [(r.status, r.version) for r in replies] == [("accepted", v) for v in range(2, 8)]
+    finally:
+        await canceller.close()
+        await holder.close()
         await service.stop()
