@@ -439,3 +439,27 @@ async def test_a_dead_letter_names_its_sender_and_a_replay_acts_as_the_replaying
         await stored.close()
     assert code(Reply.model_validate(json.loads(answer))) == "forbidden"
     assert [user for _, user in await stream(pg_dsn, account)] == [alice, alice]
+
+
+async def test_a_login_that_cannot_travel_is_dead_lettered_not_stored(
+    guarded: CommandService, broker: str, pg_dsn: str
+) -> None:
+    """RabbitMQ takes logins that are no identifier (a space here); the name could not be
+    stored or logged as it is, so such a sender's command is refused at the edge."""
+    parts = urlsplit(broker)
+    vhost = unquote(parts.path.lstrip("/")) or "/"
+    name, password = f"odd login {uuid.uuid4().hex[:6]}", secrets.token_hex(12)
+    await _rabbitmqctl("add_user", name, password)
+    try:
+        await _rabbitmqctl("set_permissions", "-p", vhost, name, ".*", ".*", ".*")
+        netloc = f"{quote(name, safe='')}:{password}@{parts.hostname}:{parts.port}"
+        async with await CommandClient.connect(parts._replace(netloc=netloc).geturl()) as odd:
+            assert odd.user_id == name
+            account = uuid.uuid4()
+            reply = await odd.send_command(OpenAccount(owner_id="o", currency="EUR"), account)
+        assert code(reply) == "invalid_user_id"
+        assert await stream(pg_dsn, account) == []
+        _, letters = await list_dead_letters(broker, limit=10)
+        assert [letter.reason.split(":")[0] for letter in letters] == ["invalid_user_id"]
+    finally:
+        await _rabbitmqctl("delete_user", name)
