@@ -62,7 +62,7 @@ class Forbidden(DomainError):
 class AggregateLoader(Protocol):
     """Reads an aggregate's current state for a policy; never writes."""
 
-    async def __call__(self, aggregate_class: type[A], aggregate_id: UUID) -> A | None:
+    async def __call__(self, aggregate_class: type[A], aggregate_id: UUID, /) -> A | None:
         """The aggregate, or None when no aggregate of that type has that id."""
         ...
 

@@ -69,9 +69,10 @@ async def handle_command(
         return _as_duplicate(stored)
     repository = AggregateRepository(store, registry, snapshot_every)
 
-    async def load(aggregate_class: type[A], aggregate_id: UUID) -> A | None:
+    async def load(other_class: type[A], other_id: UUID) -> A | None:
+        """Another aggregate for the policy, read-only: None when none of that type exists."""
         try:
-            found = await repository.load(aggregate_class, aggregate_id)
+            found = await repository.load(other_class, other_id)
         except WrongAggregateTypeError:
             return None
         return found if found.version > 0 else None
