@@ -38,6 +38,7 @@ from bench.infra import (
 )
 from bench.project import COMMAND_PARTITIONS, PROJECTOR_PARTITIONS, Deployment
 from shared import topology
+from shared.amqp import broker_login
 from shared.client import CommandClient
 from shared.ledger import DepositMoney, OpenAccount
 from shared.messages import CommandEnvelope, CommandMetadata
@@ -63,7 +64,7 @@ class BurstResult:
         return self.peak_mib[service] - self.baseline_mib[service]
 
 
-def _message(account: uuid.UUID, index: int) -> aio_pika.Message:
+def _message(account: uuid.UUID, index: int, user_id: str | None) -> aio_pika.Message:
     headers: dict[str, FieldValue] = {topology.AGGREGATE_ID_HEADER: str(account)}
     if index % LARGE_EVERY == 0:
         # Refused as malformed after it was read whole: a large body through the consumer.
@@ -81,6 +82,7 @@ def _message(account: uuid.UUID, index: int) -> aio_pika.Message:
         body=envelope.model_dump_json().encode(),
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        user_id=user_id,
         headers=headers,
     )
 
@@ -146,6 +148,7 @@ async def measure_burst(servers: Servers, commands: int, run_dir: Path) -> Burst
             try:
                 started = time.perf_counter()
                 connection = await aio_pika.connect(servers.amqp_url)
+                login = broker_login(servers.amqp_url)
                 async with connection:
                     channel = await connection.channel(publisher_confirms=True)
                     exchange = await channel.get_exchange(topology.COMMANDS_EXCHANGE)
@@ -153,7 +156,8 @@ async def measure_burst(servers: Servers, commands: int, run_dir: Path) -> Burst
                         await asyncio.gather(
                             *(
                                 exchange.publish(
-                                    _message(accounts[i % ACCOUNTS], i), routing_key="account"
+                                    _message(accounts[i % ACCOUNTS], i, login),
+                                    routing_key="account",
                                 )
                                 for i in range(start, min(start + 500, commands))
                             )

@@ -21,6 +21,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
 )
 
+from shared.amqp import broker_login
 from shared.load import Cmd
 from shared.topology import AGGREGATE_ID_HEADER, COMMANDS_EXCHANGE
 
@@ -52,7 +53,9 @@ class CommandDriver:
         channel: AbstractChannel,
         exchange: AbstractExchange,
         reply_to: str,
+        user_id: str | None = None,
     ) -> None:
+        self._user_id = user_id
         self._connection = connection
         self._channel = channel
         self._exchange = exchange
@@ -67,7 +70,8 @@ class CommandDriver:
             exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-        driver = cls(connection, channel, declared, replies.name)
+        # Signed with the login, as the SDK signs them: the command service knows the sender.
+        driver = cls(connection, channel, declared, replies.name, broker_login(amqp_url))
         await replies.consume(driver._on_reply, no_ack=True)
         return driver
 
@@ -93,6 +97,7 @@ class CommandDriver:
                     correlation_id=cmd.command_id,
                     reply_to=self._reply_to,
                     type=cmd.type,
+                    user_id=self._user_id,
                     headers={AGGREGATE_ID_HEADER: cmd.aggregate_id},
                 ),
                 routing_key=cmd.routing_key,

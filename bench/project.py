@@ -46,6 +46,7 @@ from bench.procs import CpuWindow, ServerGroups, ServiceProcess, start_module
 from bench.stats import slope
 from command_service.adapters.partition_leases import LOCK_SPACE
 from shared import topology
+from shared.amqp import broker_login
 from shared.load import Workload, latency_summary_ms
 from shared.messages import ReplayRequest
 from shared.settings import CommandServiceSettings, QueryServiceSettings
@@ -95,6 +96,9 @@ class Deployment:
             # The grace before a rebuild drops the replaced generation: none here, so that the
             # rebuild's final progress is saved as soon as it switched.
             "CQRS_REBUILD_RETIRE_SECONDS": "0",
+            # The benchmark's login sends every command, for owners of every name: privileged,
+            # as a service's login is (the policy stays on; a client's check is not measured).
+            "CQRS_PRIVILEGED_USERS": broker_login(self.servers.amqp_url) or "",
         }
 
     @property

@@ -17,6 +17,8 @@ from command_service.adapters.partition_leases import PartitionLeases
 from command_service.adapters.relay import RELAY_SUBSCRIPTION, EventPublisher
 from command_service.adapters.subscription import RECOVERABLE_ERRORS, Subscription
 from command_service.domain.account import Account
+from command_service.domain.authorization import AuthorizationPolicy
+from command_service.domain.ownership import OwnerPolicy
 from command_service.domain.process import ProcessManager
 from command_service.domain.transfer import Transfer, TransferProcess
 from command_service.entrypoints.commands import CommandConsumer
@@ -41,6 +43,16 @@ def build_registry() -> CommandRegistry:
     registry.register(Account)
     registry.register(Transfer)
     return registry
+
+
+def build_policy(settings: CommandServiceSettings) -> AuthorizationPolicy | None:
+    """Who may send which command (`CQRS_AUTHORIZATION`); None lets anyone send anything."""
+    if settings.authorization == "off":
+        log.warning(
+            "authorization_off", detail="every login may send every command (CQRS_AUTHORIZATION)"
+        )
+        return None
+    return OwnerPolicy(settings.privileged)
 
 
 def build_process_managers() -> list[ProcessManager]:
@@ -117,6 +129,7 @@ async def start(
         registry=registry,
         concurrency_retries=settings.concurrency_retries,
         snapshot_every=settings.snapshot_every,
+        authorize=build_policy(settings),
     )
     consumer = CommandConsumer(
         connection=amqp,
@@ -188,6 +201,8 @@ async def start(
     log.info(
         "command_service_started",
         partitions=settings.command_partitions,
+        authorization=settings.authorization,
+        privileged_users=sorted(settings.privileged) if settings.authorization != "off" else None,
         http=f"{settings.http_host}:{service.http.port}",
     )
     return service

@@ -15,6 +15,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import aio_pika
 import structlog
@@ -40,9 +41,16 @@ TRUNCATED_BODY_BYTES = 4_096
 
 
 def copy_message(
-    original: AbstractIncomingMessage, headers: HeadersType, *, max_body_bytes: int | None = None
+    original: AbstractIncomingMessage,
+    headers: HeadersType,
+    *,
+    max_body_bytes: int | None = None,
+    user_id: str | None = None,
 ) -> aio_pika.Message:
     """A persistent copy of `original` (body and properties) carrying `headers` instead.
+
+    The copy's `user_id` is `user_id`, never the original's: the broker accepts only the
+    publishing connection's own login there.
 
     With `max_body_bytes`, a longer body is cut to its first `TRUNCATED_BODY_BYTES` bytes (at
     most `max_body_bytes`) and the truncation headers are added. Truncation headers in `headers`
@@ -66,7 +74,22 @@ def copy_message(
         timestamp=original.timestamp,
         type=original.type,
         app_id=original.app_id,
+        user_id=user_id,
     )
+
+
+def broker_login(amqp_url: str) -> str | None:
+    """The login a connection to `amqp_url` authenticates as, for its messages' `user_id`.
+
+    The URL's user name, percent-decoded; `guest` when it names none (what the driver then
+    sends). None with `auth=external` (a client certificate): the broker derives that login
+    from the certificate, which the URL does not say.
+    """
+    parts = urlsplit(amqp_url)
+    mechanism = parse_qs(parts.query).get("auth", ["plain"])[-1]
+    if mechanism.upper() == "EXTERNAL":
+        return None
+    return unquote(parts.username) if parts.username else "guest"
 
 
 def truncation(headers: HeadersType | None) -> tuple[int, str] | None:

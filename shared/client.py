@@ -5,6 +5,10 @@ caller. A publish that meets a lost connection waits, within the call's timeout,
 connection to come back and publishes then; a command whose reply may have been lost with the
 connection is published again (the same command id, so it is handled once and answered with its
 stored outcome).
+
+Every command carries the AMQP `user_id` property set to the client's login, which the broker
+checks against the connection (a mismatch is refused: `BrokerRefusedError`); the command
+service knows the sender by it and authorizes the command for that login.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from aio_pika.exceptions import (
 from aiormq.exceptions import ChannelAccessRefused
 
 from shared import tracing
-from shared.amqp import tolerate_invalid_utf8
+from shared.amqp import broker_login, tolerate_invalid_utf8
 from shared.messages import Command, CommandEnvelope, CommandMetadata, Reply
 from shared.topology import (
     AGGREGATE_ID_HEADER,
@@ -101,7 +105,8 @@ class CommandClient:
 
     Replies arrive on an exclusive queue owned by this client (redeclared by the robust
     connection after a reconnection). Every call is bounded by its `timeout`, reconnections
-    included, and raises only `CommandClientError`s.
+    included, and raises only `CommandClientError`s. Commands are published with `user_id`, the
+    login they are sent as.
     """
 
     def __init__(
@@ -110,7 +115,9 @@ class CommandClient:
         channel: AbstractRobustChannel,
         exchange: AbstractExchange,
         reply_queue: AbstractQueue,
+        user_id: str | None = None,
     ) -> None:
+        self.user_id = user_id
         self._connection = connection
         self._channel = channel
         self._exchange = exchange
@@ -122,12 +129,19 @@ class CommandClient:
         self._last_error: BaseException | None = None
 
     @classmethod
-    async def connect(cls, amqp_url: str, *, timeout: float = 10.0) -> Self:
+    async def connect(
+        cls, amqp_url: str, *, timeout: float = 10.0, user_id: str | None = None
+    ) -> Self:
         """Connect, find the commands exchange and open a reply queue.
 
+        Commands carry `user_id`, by default the URL's login (percent-decoded; `guest` when it
+        names none). With `auth=external` the login comes from the client certificate, which
+        the URL does not name: pass it as `user_id`, or commands go without one (anonymous).
         Raises `BrokerUnavailableError` when the broker does not answer within `timeout`,
         `CommandServiceUnavailableError` when no command service has declared its exchange.
         """
+        if user_id is None:
+            user_id = broker_login(amqp_url)
         tolerate_invalid_utf8()
         options: dict[str, Any] = {}
         if "reconnect_interval" not in parse_qs(urlsplit(amqp_url).query):
@@ -140,7 +154,7 @@ class CommandClient:
             raise BrokerUnavailableError(f"broker unavailable: {_describe(e)}") from e
         try:
             async with asyncio.timeout(timeout):
-                return await cls._open(connection)
+                return await cls._open(connection, user_id)
         except BaseException as e:
             await connection.close()
             if isinstance(e, CommandClientError):
@@ -156,7 +170,7 @@ class CommandClient:
             raise
 
     @classmethod
-    async def _open(cls, connection: AbstractRobustConnection) -> Self:
+    async def _open(cls, connection: AbstractRobustConnection, user_id: str | None) -> Self:
         # on_return_raises: a command no queue takes is an error, not a reply that never comes.
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         # Passive: a client needs no right to create or change the command service's topology.
@@ -164,7 +178,7 @@ class CommandClient:
         reply_queue = await channel.declare_queue(
             f"{REPLY_QUEUE_PREFIX}{uuid4().hex}", exclusive=True, auto_delete=True
         )
-        client = cls(connection, channel, exchange, reply_queue)
+        client = cls(connection, channel, exchange, reply_queue, user_id)
         await reply_queue.consume(client._on_reply, no_ack=True)
         connection.reconnect_callbacks.add(client._on_reconnect)
         return client
@@ -264,6 +278,7 @@ class CommandClient:
             correlation_id=correlation_id or command_id,
             reply_to=self._reply_queue.name if reply else None,
             type=command_type,
+            user_id=self.user_id,
             headers=headers,
         )
 
@@ -292,7 +307,8 @@ class CommandClient:
                     f"exchange {COMMANDS_EXCHANGE} does not exist: has a command service started?"
                 ) from e
             except (ChannelAccessRefused, ChannelPreconditionFailed) as e:
-                # Refused for what the message is or who sends it: the same again fails again.
+                # Refused for what the message is or who sends it (no right to publish, a
+                # `user_id` that is not the login): the same again fails again.
                 raise BrokerRefusedError(f"the broker refused the command: {_describe(e)}") from e
             except CONNECTION_EXCEPTIONS as e:
                 self._last_error = e

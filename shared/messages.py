@@ -53,7 +53,8 @@ class CommandMetadata(Message):
     correlation_id: Identifier | None = None
     causation_id: Identifier | None = None
     issued_at: datetime = Field(default_factory=utcnow)
-    # What the sender says it is; who sent it is the broker-verified AMQP `user_id`.
+    # What the sender says it is: kept in the contract for compatibility, trusted for nothing.
+    # Who sent a command is its broker-verified AMQP `user_id` (stored as each event's `user`).
     user: Identifier | None = None
 
 

@@ -113,6 +113,18 @@ class CommandServiceSettings(CommonSettings):
         description="replies go only to queues named so, server-named ones (`amq.gen-*`) and "
         "direct reply-to; a command with another `reply_to` gets no reply",
     )
+    authorization: Literal["owner", "off"] = Field(
+        default="owner",
+        description="who may send which command, by the sender's broker login (the AMQP "
+        "`user_id`): `owner`, a client acts only on accounts it owns, the privileged logins on "
+        "any, a command without `user_id` is refused; `off`, anyone sends anything (the sender "
+        "is still recorded)",
+    )
+    privileged_users: str = Field(
+        default="cqrs-command,cqrs-admin",
+        description="broker logins, comma-separated, that the policy lets send any command "
+        "(the service and admin users); empty: none",
+    )
     http_host: str = Field(
         default="127.0.0.1",
         description="where `/healthz`, `/readyz`, `/status` and `/metrics` listen",
@@ -127,6 +139,17 @@ class CommandServiceSettings(CommonSettings):
         description="a connection that has not sent a whole request head this long after it "
         "opened (or after its last response) is closed",
     )
+
+    @field_validator("privileged_users")
+    @classmethod
+    def _logins(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",")]
+        return ",".join(name for name in names if name)
+
+    @property
+    def privileged(self) -> frozenset[str]:
+        """The privileged logins, as a set."""
+        return frozenset(name for name in self.privileged_users.split(",") if name)
 
     @model_validator(mode="after")
     def _leaders_poll_within_their_timeout(self) -> CommandServiceSettings:

@@ -15,6 +15,9 @@ EVENTS_EXCHANGE = "cqrs.events"
 AGGREGATE_ID_HEADER = "aggregate_id"
 # Header set on dead-lettered and parked messages.
 REASON_HEADER = "x-cqrs-reason"
+# On a dead-lettered command: who sent it (the broker-verified AMQP `user_id`); absent when the
+# command had none. Set only by the command service.
+SENDER_HEADER = "x-cqrs-sender"
 
 # Command service: commands partitioned by aggregate id into single-active-consumer queues.
 COMMAND_PARTITION_EXCHANGE = "cqrs.commands.partitioned"

@@ -132,7 +132,10 @@ def reply_message(reply: Reply, correlation_id: str | None) -> aio_pika.Message:
 def dead_letter_message(
     original: AbstractIncomingMessage, reason: str, *, max_body_bytes: int
 ) -> aio_pika.Message:
-    """A copy of the original command with the reason it could not be processed.
+    """A copy of the original command with the reason it could not be processed, and its sender.
+
+    The copy carries no `user_id` (it is published with the command service's login, and the
+    broker refuses another one); the sender's login travels in `x-cqrs-sender` instead.
 
     A body over `max_body_bytes` (the command limit: such a command is refused anyway) keeps
     only a prefix, with its original size and SHA-256 in the headers, so a flood of large bad
@@ -140,5 +143,9 @@ def dead_letter_message(
     """
     headers = dict(original.headers or {})
     headers[topology.REASON_HEADER] = reason[:1000]
+    # Who sent it, as the broker verified it; a sender's own header of that name says nothing.
+    headers.pop(topology.SENDER_HEADER, None)
+    if is_identifier(original.user_id):
+        headers[topology.SENDER_HEADER] = original.user_id
     headers["x-original-routing-key"] = original.routing_key or ""
     return copy_message(original, headers, max_body_bytes=max_body_bytes)

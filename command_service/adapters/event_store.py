@@ -163,11 +163,14 @@ class EventStore(Protocol):
         events: Sequence[NewEvent],
         command_id: UUID,
         correlation_id: str | None,
+        user: str | None = None,
         traceparent: str | None = None,
         internal: bool = False,
     ) -> Reply:
         """Append events after `expected_version` and record the command (in the key space
         `internal` selects); return its reply.
+
+        Every event's metadata names `user`, who sent the command (None: nobody known).
 
         A stream's first append records `aggregate_type` as the stream's type; an append of
         another type raises `WrongAggregateTypeError` and appends nothing. Raises
@@ -358,11 +361,17 @@ class PostgresEventStore:
         events: Sequence[NewEvent],
         command_id: UUID,
         correlation_id: str | None,
+        user: str | None = None,
         traceparent: str | None = None,
         internal: bool = False,
     ) -> Reply:
         command_log = _command_log(internal)
-        metadata = {"correlation_id": correlation_id, "causation_id": str(command_id)}
+        # Who did what: the sender as the broker verified it, not as the envelope claims.
+        metadata = {
+            "correlation_id": correlation_id,
+            "causation_id": str(command_id),
+            "user": user,
+        }
         if traceparent is not None:  # events stored without tracing stay as they were
             metadata["traceparent"] = traceparent
         async with translate_driver_errors(), self._pool.acquire() as connection:

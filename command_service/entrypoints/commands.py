@@ -2,7 +2,8 @@
 
 Acknowledgement policy:
 - bad input (oversized body, wrong content type, malformed JSON, unknown type, schema
-  violation, a string that may not travel, an `aggregate_id` header that is not the envelope's)
+  violation, a string that may not travel, an `aggregate_id` header that is not the envelope's,
+  a `user_id` that is no identifier)
   → a copy goes to the dead-letter exchange with the reason in `x-cqrs-reason`, a rejection is
   replied when the sender asked for replies, and the original is acked;
 - a domain rule violation → a normal `rejected` reply, stored for idempotency, acked;
@@ -14,6 +15,11 @@ Acknowledgement policy:
   traceback goes to the log), replied, acked, and the partition goes on: no single message can
   stop it;
 - otherwise → acked only after the events and the reply committed.
+
+The sender is the message's AMQP `user_id` property: RabbitMQ refuses a publish whose `user_id`
+is not the connection's login, so it is the verified login (a message without it is anonymous).
+It is handed to the service layer as the command's `Actor`; the envelope's `metadata.user` is
+what the sender claims and is trusted for nothing.
 
 Replies go only to reply queues: server-named ones (`amq.gen-*`), direct reply-to
 (`amq.rabbitmq.reply-to`) and the configured prefix (the SDK's `cqrs.reply.`); a command naming
@@ -44,12 +50,14 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from command_service.adapters.broker import dead_letter_message, reply_message
 from command_service.adapters.event_store import EventStoreUnavailableError
 from command_service.adapters.subscription import BROKER_ERRORS
+from command_service.domain.authorization import Actor
 from command_service.metrics import CommandMetrics
 from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry, UnknownCommandError
 from shared import tracing
 from shared.messages import CommandEnvelope, Reply, ReplyError
 from shared.supervision import Supervisor, mark_healthy
+from shared.text import is_identifier
 from shared.topology import AGGREGATE_ID_HEADER, REPLY_QUEUE_PREFIX
 
 log = structlog.get_logger(__name__)
@@ -245,8 +253,9 @@ class CommandConsumer:
         try:
             envelope = self._parse(message)
             _bind_envelope(envelope)
+            actor = _sender(message, envelope)
             _describe_span(span, envelope)
-            reply = await self._handle(envelope)
+            reply = await self._handle(envelope, actor)
         except BadCommandError as e:
             if e.envelope is not None:
                 _bind_envelope(e.envelope)
@@ -330,7 +339,7 @@ class CommandConsumer:
             raise BadCommandError("invalid_payload", _describe(e), envelope) from e
         return envelope
 
-    async def _handle(self, envelope: CommandEnvelope) -> Reply:
+    async def _handle(self, envelope: CommandEnvelope, actor: Actor) -> Reply:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(EventStoreUnavailableError),
             wait=wait_exponential(multiplier=0.1, max=5),
@@ -342,7 +351,7 @@ class CommandConsumer:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._handle_command(envelope)
+                return await self._handle_command(envelope, actor=actor)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     async def _dead_letter(self, message: AbstractIncomingMessage, error: BadCommandError) -> None:
@@ -387,6 +396,23 @@ def _bind_envelope(envelope: CommandEnvelope) -> None:
     )
     if metadata.correlation_id is not None:  # else the message's own stays bound
         structlog.contextvars.bind_contextvars(correlation_id=metadata.correlation_id)
+
+
+def _sender(message: AbstractIncomingMessage, envelope: CommandEnvelope) -> Actor:
+    """Who sent the command: the broker-verified `user_id`, or nobody."""
+    user_id = message.user_id
+    if not user_id:
+        return Actor.anonymous()
+    # Verified equal to a login, but logins are not bound by what may travel (e.g. one from a
+    # certificate's subject): such a name could not be stored or logged as it is.
+    if not is_identifier(user_id):
+        raise BadCommandError(
+            "invalid_user_id",
+            "the user_id property must be 1 to 128 printable ASCII characters, no spaces",
+            envelope,
+        )
+    structlog.contextvars.bind_contextvars(user=user_id)
+    return Actor.user(user_id)
 
 
 def _describe_span(span: tracing.SpanHandle, envelope: CommandEnvelope) -> None:

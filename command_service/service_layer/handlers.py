@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeVar
+from uuid import UUID
 
 import structlog
 
@@ -13,7 +14,8 @@ from command_service.adapters.event_store import (
     NewEvent,
     WrongAggregateTypeError,
 )
-from command_service.domain.aggregate import DomainError
+from command_service.domain.aggregate import Aggregate, DomainError
+from command_service.domain.authorization import FORBIDDEN, Actor, AuthorizationPolicy
 from command_service.service_layer.registry import CommandRegistry
 from command_service.service_layer.repository import AggregateRepository
 from shared import tracing
@@ -21,11 +23,15 @@ from shared.messages import CommandEnvelope, Reply, ReplyError
 
 log = structlog.get_logger(__name__)
 
+A = TypeVar("A", bound=Aggregate)
+
 
 class HandleCommand(Protocol):
     """`handle_command` with its dependencies bound, as the entrypoints receive it."""
 
-    async def __call__(self, envelope: CommandEnvelope, *, internal: bool = False) -> Reply: ...
+    async def __call__(
+        self, envelope: CommandEnvelope, *, actor: Actor, internal: bool = False
+    ) -> Reply: ...
 
 
 def _as_duplicate(reply: Reply) -> Reply:
@@ -36,12 +42,18 @@ async def handle_command(
     envelope: CommandEnvelope,
     *,
     store: EventStore,
+    actor: Actor,
     registry: CommandRegistry,
     concurrency_retries: int,
     internal: bool = False,
     snapshot_every: int = 0,
+    authorize: AuthorizationPolicy | None = None,
 ) -> Reply:
     """Decide the command against the aggregate's current state and store the outcome.
+
+    `actor` is who sends it; its name is stored with every event the command appends (`user`
+    in the events' metadata). `authorize`, the domain's policy, is asked after the aggregate
+    is loaded and before it decides; a refusal is a rejection (`forbidden`), stored like any.
 
     A command id seen before gets its stored reply with status `duplicate` and appends nothing.
     Process managers' commands (`internal`) are recorded apart from clients' (the event store's
@@ -56,11 +68,27 @@ async def handle_command(
     if stored is not None:
         return _as_duplicate(stored)
     repository = AggregateRepository(store, registry, snapshot_every)
+
+    async def load(other_class: type[A], other_id: UUID) -> A | None:
+        """Another aggregate for the policy, read-only: None when none of that type exists."""
+        try:
+            found = await repository.load(other_class, other_id)
+        except WrongAggregateTypeError:
+            return None
+        return found if found.version > 0 else None
+
     for attempt in range(concurrency_retries + 1):
         try:
             aggregate = await repository.load(aggregate_class, envelope.aggregate_id)
         except WrongAggregateTypeError as e:
             return await _reject(envelope, store, "wrong_aggregate_type", str(e), internal)
+        if authorize is not None:
+            try:
+                await authorize(actor, command, aggregate, load)
+            except DomainError as e:
+                if e.code == FORBIDDEN:
+                    log.info("command_forbidden", user=actor.name, reason=e.message)
+                return await _reject(envelope, store, e.code, e.message, internal)
         if envelope.expected_version is not None and envelope.expected_version != aggregate.version:
             return await _reject(
                 envelope,
@@ -86,6 +114,7 @@ async def handle_command(
                 events=[NewEvent.from_event(event) for event in events],
                 command_id=envelope.command_id,
                 correlation_id=envelope.metadata.correlation_id,
+                user=actor.name,
                 traceparent=tracing.current_traceparent(),
                 internal=internal,
             )

@@ -2,7 +2,8 @@
 
 Each reaction's commands are handled in-process through the same `handle_command` as commands
 from the broker, with deterministic command ids, so re-running a batch after a crash or a
-leadership change appends nothing twice.
+leadership change appends nothing twice. They act as `process:<name>` (the events they append
+name it as their `user`), which the domain's policy sees as a process, not a login.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import structlog
 
 from command_service.adapters.event_store import StoredEvent
 from command_service.adapters.subscription import RetryLaterError
+from command_service.domain.authorization import Actor
 from command_service.domain.process import IssuedCommand, ProcessManager
 from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry
@@ -34,6 +36,7 @@ class ProcessManagerRunner:
         self._handle_command = handle
         self._registry = registry
         self._event_types = {event.type_name() for event in process.events}
+        self.actor = Actor.process(process.name)
         self.issued = 0
 
     async def __call__(self, events: list[StoredEvent]) -> None:
@@ -46,7 +49,7 @@ class ProcessManagerRunner:
             metadata = CommandMetadata(
                 correlation_id=stored.metadata.get("correlation_id"),
                 causation_id=str(stored.event_id),
-                user=f"process:{self.process.name}",
+                user=self.actor.name,
             )
             # The commands continue the trace of the command that caused the event, so the
             # events they append carry it on to the projector.
@@ -87,7 +90,7 @@ class ProcessManagerRunner:
                 },
             ) as span,
         ):
-            reply = await self._handle_command(envelope, internal=True)
+            reply = await self._handle_command(envelope, actor=self.actor, internal=True)
             span.set("cqrs.outcome", reply.status)
             log.debug(
                 "process_step",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 from uuid import UUID
 
 import structlog
@@ -19,6 +20,8 @@ from shared.messages import Event
 
 log = structlog.get_logger(__name__)
 
+A = TypeVar("A", bound=Aggregate)
+
 
 class AggregateRepository:
     """Rebuilds aggregates; takes a snapshot every `snapshot_every` versions (0: never)."""
@@ -31,7 +34,7 @@ class AggregateRepository:
     def _snapshots(self, aggregate_class: type[Aggregate]) -> bool:
         return self._snapshot_every > 0 and aggregate_class.snapshot_schema is not None
 
-    async def load(self, aggregate_class: type[Aggregate], aggregate_id: UUID) -> Aggregate:
+    async def load(self, aggregate_class: type[A], aggregate_id: UUID) -> A:
         """The aggregate's current state.
 
         Raises `WrongAggregateTypeError` when the stream is another aggregate type's, so that

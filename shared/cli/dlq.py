@@ -6,6 +6,10 @@ publishes each chosen message to `cqrs.commands` again, with its original routin
 headers minus those dead-lettering added, and acks it in the dead-letter queue only after the
 broker confirmed that publish. A replayed command that is still bad is dead-lettered again.
 
+A replayed command is published under the replaying login (its AMQP `user_id`), so the command
+service authorizes it for that login, not for its first sender: `list` shows who that was
+(`sender`, absent for a command sent without `user_id`).
+
 A dead letter whose body was cut (a command over the size limit: the copy keeps a prefix, the
 original size and SHA-256 in its headers) is listed as truncated and never replayed: what is
 left of it is not the command that was sent.
@@ -26,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shared import topology
-from shared.amqp import copy_message, truncation
+from shared.amqp import broker_login, copy_message, truncation
 from shared.cli.common import (
     EXIT_ERROR,
     EXIT_UNREACHABLE,
@@ -64,6 +68,8 @@ class DeadLetter:
     # Set when the copy's body is only a prefix of the command's: its original size and SHA-256.
     original_size: int | None = None
     original_sha256: str | None = None
+    # Who sent it (the broker-verified login, recorded by the command service); None: nobody.
+    sender: str | None = None
 
     @property
     def truncated(self) -> bool:
@@ -116,6 +122,7 @@ def describe(message: AbstractIncomingMessage, now: datetime) -> DeadLetter:
         body=message.body[:BODY_PREVIEW_CHARS].decode("utf-8", errors="replace"),
         original_size=None if cut is None else cut[0],
         original_sha256=None if cut is None else cut[1],
+        sender=_text(headers.get(topology.SENDER_HEADER)),
     )
 
 
@@ -167,15 +174,16 @@ class ReplayResult:
     skipped: list[dict[str, str | None]]
 
 
-def replayed_message(message: AbstractIncomingMessage) -> aio_pika.Message:
-    """The original command: body and properties as sent, without the dead-lettering headers."""
+def replayed_message(message: AbstractIncomingMessage, user_id: str | None) -> aio_pika.Message:
+    """The original command: body and properties as sent, without the dead-lettering headers,
+    sent by `user_id` (the replaying login)."""
     headers = {
         key: value
         for key, value in (message.headers or {}).items()
-        if key not in (topology.REASON_HEADER, ORIGINAL_ROUTING_KEY_HEADER)
+        if key not in (topology.REASON_HEADER, topology.SENDER_HEADER, ORIGINAL_ROUTING_KEY_HEADER)
         and not key.startswith(("x-death", "x-first-death", "x-last-death"))
     }
-    return copy_message(message, headers)
+    return copy_message(message, headers, user_id=user_id)
 
 
 async def replay_dead_letters(url: str, *, command_ids: Collection[str] | None) -> ReplayResult:
@@ -220,7 +228,9 @@ async def replay_dead_letters(url: str, *, command_ids: Collection[str] | None) 
                 )
                 continue
             # mandatory: a command no queue takes is returned and raises, and stays here.
-            await commands.publish(replayed_message(message), routing_key, mandatory=True)
+            await commands.publish(
+                replayed_message(message, broker_login(url)), routing_key, mandatory=True
+            )
             await message.ack()
             result.replayed.append(message.message_id)
             if message.message_id:
@@ -270,7 +280,7 @@ def list_command(
         )
         return
     table = Table(title=f"{topology.COMMAND_DEAD_LETTER_QUEUE}: {waiting} dead-lettered")
-    for column in ("#", "command id", "type", "routing key", "age", "reason", "body"):
+    for column in ("#", "command id", "type", "routing key", "sender", "age", "reason", "body"):
         table.add_column(column, overflow="fold")
     for index, letter in enumerate(letters, 1):
         table.add_row(
@@ -278,6 +288,7 @@ def list_command(
             letter.command_id or "-",
             Text(letter.type or "-"),
             Text(letter.routing_key or "-"),
+            Text(letter.sender or "-"),
             _age(letter.age_seconds),
             Text(letter.reason, style="red"),
             Text(f"truncated (of {letter.original_size:,} bytes)", style="yellow")

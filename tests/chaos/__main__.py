@@ -46,6 +46,7 @@ import httpx
 from command_service.adapters.event_store import read_all
 from command_service.adapters.migrations import migrate_schema
 from shared import topology
+from shared.amqp import broker_login
 from shared.client import (
     BrokerUnavailableError,
     CommandClient,
@@ -298,6 +299,9 @@ class Chaos:
                         "CQRS_POSTGRES_DSN": through(self.proxies[f"database-{index}"], self.dsn),
                         "CQRS_COMMAND_PARTITIONS": "4",
                         "CQRS_HTTP_PORT": "0",  # two replicas on one host
+                        # The driver's login sends for owners of every name: privileged, as
+                        # a service's login is; the policy stays on (anonymous is refused).
+                        "CQRS_PRIVILEGED_USERS": broker_login(self.amqp) or "",
                     },
                     self.folder / f"command-{index}.log",
                 )

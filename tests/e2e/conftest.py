@@ -77,6 +77,9 @@ async def pair(
         "CQRS_MONGO_DB": mongo_db,
         "CQRS_HTTP_PORT": str(port),
         "CQRS_LOG_JSON": "true",
+        # These tests publish raw messages without user_id (anonymous) as the broker's guest;
+        # who may do what is tested in tests/integration/test_authorization.py.
+        "CQRS_AUTHORIZATION": "off",
     }
     processes, logs = {}, {}
     # CQRS_HTTP_PORT is read by both services: each gets its own.
@@ -206,6 +209,7 @@ def command_replicas(broker: str, pg_dsn: str, tmp_path: Path) -> Iterator[Comma
         "CQRS_RELAY_POLL_SECONDS": "0.2",
         "CQRS_LOG_JSON": "true",
         "CQRS_HTTP_PORT": "0",  # replicas on one host: each binds a free port
+        "CQRS_AUTHORIZATION": "off",  # as in `pair`
     }
     replicas = CommandReplicas(env, tmp_path, [])
     yield replicas

@@ -34,8 +34,12 @@ def store(pool: asyncpg.Pool) -> PostgresEventStore:
 
 @pytest.fixture
 def command_settings(broker: str, pg_dsn: str) -> CommandServiceSettings:
+    """The command service's settings for tests. Without the authorization policy: these tests
+    publish as the broker's guest, often raw messages without `user_id`, and are about other
+    things (test_authorization.py turns it on)."""
     return CommandServiceSettings(
         amqp_url=broker,
+        authorization="off",
         postgres_dsn=pg_dsn,
         command_partitions=2,
         max_message_bytes=4096,

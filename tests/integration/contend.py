@@ -12,6 +12,7 @@ from typing import Any
 
 from command_service.adapters.event_store import ConcurrencyError, PostgresEventStore, create_pool
 from command_service.bootstrap import build_registry
+from command_service.domain.authorization import Actor
 from command_service.service_layer.handlers import handle_command
 from shared.client import envelope_for
 from shared.ledger import DepositMoney
@@ -38,6 +39,7 @@ async def main(dsn: str, account: uuid.UUID, count: int) -> int:
             handle_command(
                 envelope_for(DepositMoney(amount=1), account),
                 store=store,
+                actor=Actor.anonymous(),
                 registry=registry,
                 concurrency_retries=200,
             )

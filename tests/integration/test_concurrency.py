@@ -10,6 +10,7 @@ import pytest
 
 from command_service.adapters.event_store import PostgresEventStore
 from command_service.bootstrap import build_registry
+from command_service.domain.authorization import Actor
 from command_service.service_layer.handlers import handle_command
 from shared.client import envelope_for
 from shared.ledger import OpenAccount
@@ -26,6 +27,7 @@ async def test_concurrent_deposits_from_several_processes_all_land_exactly_once(
     opened = await handle_command(
         envelope_for(OpenAccount(owner_id="o", currency="EUR"), account),
         store=store,
+        actor=Actor.anonymous(),
         registry=build_registry(),
         concurrency_retries=0,
     )

@@ -12,6 +12,7 @@ from command_service.adapters.event_store import NewEvent, PostgresEventStore, S
 from command_service.bootstrap import build_registry
 from command_service.domain.account import Account
 from command_service.domain.aggregate import Aggregate
+from command_service.domain.authorization import Actor
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.registry import CommandRegistry
 from command_service.service_layer.repository import AggregateRepository
@@ -32,6 +33,7 @@ async def deposit_many(
         reply = await handle_command(
             envelope_for(command, account),
             store=store,
+            actor=Actor.anonymous(),
             registry=registry,
             concurrency_retries=0,
             snapshot_every=every,

@@ -13,6 +13,7 @@ import pytest
 from command_service.adapters.event_store import PostgresEventStore
 from command_service.bootstrap import CommandService, build_registry, start
 from command_service.domain.account import Account
+from command_service.domain.authorization import Actor
 from command_service.domain.process import step_id
 from command_service.domain.transfer import Transfer, TransferProcess
 from command_service.service_layer.handlers import handle_command
@@ -163,6 +164,7 @@ async def test_a_transfer_that_died_half_way_is_finished_after_restart(
     await handle_command(
         envelope_for(RequestTransfer(from_account_id=a, to_account_id=b, amount=25), transfer_id),
         store=store,
+        actor=Actor.anonymous(),
         registry=registry,
         concurrency_retries=3,
     )
@@ -201,10 +203,12 @@ async def test_a_step_recorded_before_the_key_spaces_is_not_decided_again(
         await handle(
             envelope_for(
                 OpenAccount(owner_id="o", currency="EUR", initial_deposit=balance), account
-            )
+            ),
+            actor=Actor.anonymous(),
         )
     await handle(
-        envelope_for(RequestTransfer(from_account_id=a, to_account_id=b, amount=25), transfer_id)
+        envelope_for(RequestTransfer(from_account_id=a, to_account_id=b, amount=25), transfer_id),
+        actor=Actor.anonymous(),
     )
     requested = [e for e in await store.read_all(0, 100) if e.type == "TransferRequested"]
     runner = ProcessManagerRunner(TransferProcess(), handle=handle, registry=registry)

@@ -59,6 +59,7 @@ class FakeEventStore:
         events: Sequence[NewEvent],
         command_id: UUID,
         correlation_id: str | None,
+        user: str | None = None,
         traceparent: str | None = None,
         internal: bool = False,
     ) -> Reply:
@@ -88,6 +89,7 @@ class FakeEventStore:
                     metadata={
                         "correlation_id": correlation_id,
                         "causation_id": str(command_id),
+                        "user": user,
                         **({"traceparent": traceparent} if traceparent else {}),
                     },
                     recorded_at=datetime.now(UTC),

@@ -1,5 +1,7 @@
 """The broker docker-compose runs: its users and their passwords, that the services use them, and
 its message size limit (the same in the Kubernetes example, consistent with the services').
+The command authorization both set names these users: the service and admin users privileged,
+never the client one.
 
 The permissions themselves are proven against a real broker by the tests of
 `scripts/rabbitmq-users` (test_broker_permissions.py, test_query_permissions.py), which reads
@@ -26,6 +28,7 @@ DEFINITIONS = ROOT / "scripts" / "docker" / "rabbitmq" / "definitions.json"
 CONFIG = ROOT / "scripts" / "docker" / "rabbitmq" / "rabbitmq.conf"
 COMPOSE = ROOT / "docker-compose.yml"
 K8S_BROKER = ROOT / "deploy" / "k8s" / "base" / "rabbitmq.example.yaml"
+K8S_CONFIG = ROOT / "deploy" / "k8s" / "base" / "config.yaml"
 
 
 def definitions() -> dict[str, Any]:
@@ -104,3 +107,21 @@ def test_the_message_size_limit_fits_commands_events_and_dead_letters() -> None:
     assert TRUNCATED_BODY_BYTES <= commands < limit
     # Every event the broker admits is one the projector reads rather than parks as too large.
     assert limit <= MAX_BODY_BYTES
+
+
+def test_compose_and_kubernetes_privilege_the_service_and_admin_users_only() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]["command-service"]["environment"]
+    config_map = yaml.safe_load(K8S_CONFIG.read_text())["data"]
+    users = {user["name"]: user for user in definitions()["users"]}
+    for where, env in (("docker-compose.yml", compose), ("config.yaml", config_map)):
+        settings = CommandServiceSettings(
+            authorization=env["CQRS_AUTHORIZATION"], privileged_users=env["CQRS_PRIVILEGED_USERS"]
+        )
+        assert settings.authorization == "owner", where
+        # Exactly the users that are no client: the command service's and the operators'.
+        assert settings.privileged == {"cqrs-command", "cqrs-admin"}, where
+        assert settings.privileged < set(users), where
+    # Both say what the default says, so that leaving the keys out changes nothing.
+    default = CommandServiceSettings()
+    assert default.authorization == "owner"
+    assert default.privileged == {"cqrs-command", "cqrs-admin"}

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from command_service.bootstrap import build_registry
+from command_service.domain.authorization import Actor
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.registry import UnknownCommandError
 from shared.client import envelope_for
@@ -29,6 +30,7 @@ async def run(
     return await handle_command(
         envelope,
         store=store,
+        actor=Actor.anonymous(),
         registry=build_registry(),
         concurrency_retries=retries,
         internal=internal,

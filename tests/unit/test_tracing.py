@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from command_service.adapters.broker import event_message
 from command_service.adapters.event_store import StoredEvent
 from command_service.bootstrap import build_registry
+from command_service.domain.authorization import Actor
 from command_service.service_layer.handlers import handle_command
 from shared import tracing
 from shared.client import CommandClient, envelope_for
@@ -72,7 +73,11 @@ async def publish_one(exchange: RecordingExchange) -> aio_pika.Message:
 async def open_account(store: FakeEventStore) -> None:
     envelope = envelope_for(OpenAccount(owner_id="o", currency="EUR"), uuid.uuid4())
     reply = await handle_command(
-        envelope, store=store, registry=build_registry(), concurrency_retries=0
+        envelope,
+        store=store,
+        actor=Actor.anonymous(),
+        registry=build_registry(),
+        concurrency_retries=0,
     )
     assert reply.status == "accepted"
 
@@ -131,8 +136,9 @@ class TestTracingOff:
     async def test_stored_events_and_published_messages_are_as_before(self) -> None:
         store = FakeEventStore()
         await open_account(store)
+        # The metadata without tracing: no trace context (the sender, `user`, is always kept).
         assert {tuple(event.metadata) for event in store.events} == {
-            ("correlation_id", "causation_id")
+            ("correlation_id", "causation_id", "user")
         }
         message = event_message(store.events[0].to_envelope())
         assert "traceparent" not in json.loads(message.body)["metadata"]
