@@ -29,7 +29,7 @@ from bench.project import measure_project, measure_soak
 from bench.references import measure_naive, measure_raw
 from bench.report import render
 from bench.stats import median
-from shared.logging import configure_logging
+from cqrs_runtime.logging import configure_logging
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 

@@ -37,12 +37,12 @@ from bench.infra import (
     wait_store_idle,
 )
 from bench.project import COMMAND_PARTITIONS, PROJECTOR_PARTITIONS, Deployment
+from command_service.settings import CommandServiceSettings
 from shared import topology
 from shared.amqp import broker_login
 from shared.client import CommandClient
 from shared.ledger import DepositMoney, OpenAccount
 from shared.messages import CommandEnvelope, CommandMetadata
-from shared.settings import CommandServiceSettings
 
 ACCOUNTS = 100
 LARGE_EVERY = 5

@@ -21,8 +21,8 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
 )
 
+from cqrs_cli.workload import Cmd
 from shared.amqp import broker_login
-from shared.load import Cmd
 from shared.topology import AGGREGATE_ID_HEADER, COMMANDS_EXCHANGE
 
 REPLY_TIMEOUT_SECONDS = 30.0

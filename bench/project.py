@@ -45,11 +45,12 @@ from bench.infra import (
 from bench.procs import CpuWindow, ServerGroups, ServiceProcess, start_module
 from bench.stats import slope
 from command_service.adapters.partition_leases import LOCK_SPACE
+from command_service.settings import CommandServiceSettings
+from cqrs_cli.workload import Workload, latency_summary_ms
+from query_service.settings import QueryServiceSettings
 from shared import topology
 from shared.amqp import broker_login
-from shared.load import Workload, latency_summary_ms
 from shared.messages import ReplayRequest
-from shared.settings import CommandServiceSettings, QueryServiceSettings
 
 COMMAND_PARTITIONS: int = CommandServiceSettings.model_fields["command_partitions"].default
 PROJECTOR_PARTITIONS: int = QueryServiceSettings.model_fields["projector_partitions"].default

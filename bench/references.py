@@ -17,7 +17,7 @@ from bench.driver import CommandDriver, Outcome, closed_loop
 from bench.infra import QueueProbe, fresh_database, fresh_mongo_database, reset_vhost
 from bench.procs import CpuWindow, ServerGroups, ServiceProcess, start_module
 from bench.project import measure_drain, mongo_port
-from shared.load import Workload, latency_summary_ms
+from cqrs_cli.workload import Workload, latency_summary_ms
 from shared.messages import EventEnvelope, EventMetadata
 
 APPEND_CONCURRENCY = 10  # the command service's default pool size

@@ -1,4 +1,4 @@
-"""Small statistics: medians over runs, least-squares slopes (percentiles: `shared.load`)."""
+"""Small statistics: medians over runs, least-squares slopes (percentiles: `cqrs_cli.workload`)."""
 
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ import asyncio
 import signal
 
 from command_service.bootstrap import start
-from shared.logging import configure_logging
-from shared.settings import CommandServiceSettings
-from shared.tracing import configure_tracing, shutdown_tracing
+from command_service.settings import CommandServiceSettings
+from cqrs_runtime.logging import configure_logging
+from cqrs_runtime.tracing import configure_tracing, shutdown_tracing
 
 
 async def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aio_pika
@@ -16,48 +17,35 @@ from command_service.adapters.migrations import migrate_schema
 from command_service.adapters.partition_leases import PartitionLeases
 from command_service.adapters.relay import RELAY_SUBSCRIPTION, EventPublisher
 from command_service.adapters.subscription import RECOVERABLE_ERRORS, Subscription
-from command_service.domain.account import Account
-from command_service.domain.authorization import AuthorizationPolicy
-from command_service.domain.ownership import OwnerPolicy
-from command_service.domain.process import ProcessManager
-from command_service.domain.transfer import Transfer, TransferProcess
 from command_service.entrypoints.commands import CommandConsumer
 from command_service.entrypoints.http import HttpEndpoint, Vitals, create_app, replica_name, serve
 from command_service.entrypoints.replay import ReplayServer
 from command_service.metrics import CommandMetrics
+from command_service.model.authorization import AuthorizationPolicy
+from command_service.model.domain import CommandDomain, load_command_domains
+from command_service.service_layer.authorization import authorization
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.process_managers import ProcessManagerRunner
 from command_service.service_layer.registry import CommandRegistry
+from command_service.settings import CommandServiceSettings
+from cqrs_runtime.supervision import Supervisor
 from shared.amqp import tolerate_invalid_utf8
-from shared.settings import CommandServiceSettings
-from shared.supervision import Supervisor
 
 log = structlog.get_logger(__name__)
 
 LEASES_TASK = "partition-leases"
 
 
-def build_registry() -> CommandRegistry:
-    """Register every aggregate the service handles. Add yours here."""
-    registry = CommandRegistry()
-    registry.register(Account)
-    registry.register(Transfer)
-    return registry
-
-
-def build_policy(settings: CommandServiceSettings) -> AuthorizationPolicy | None:
+def build_policy(
+    settings: CommandServiceSettings, domains: Sequence[CommandDomain]
+) -> AuthorizationPolicy | None:
     """Who may send which command (`CQRS_AUTHORIZATION`); None lets anyone send anything."""
     if settings.authorization == "off":
         log.warning(
             "authorization_off", detail="every login may send every command (CQRS_AUTHORIZATION)"
         )
         return None
-    return OwnerPolicy(settings.privileged)
-
-
-def build_process_managers() -> list[ProcessManager]:
-    """Every process manager the service runs. Add yours here."""
-    return [TransferProcess()]
+    return authorization(domains, privileged=settings.privileged)
 
 
 @dataclass
@@ -90,12 +78,20 @@ async def _start_partition(consumer: CommandConsumer, queue: str) -> None:
 
 
 async def start(
-    settings: CommandServiceSettings, *, supervisor: Supervisor | None = None
+    settings: CommandServiceSettings,
+    *,
+    domains: Sequence[CommandDomain] | None = None,
+    supervisor: Supervisor | None = None,
 ) -> CommandService:
     """Migrate the schema, declare the topology, and start consuming and relaying.
 
-    Every long-lived task runs under `supervisor` (a new one by default: tests pass their own).
+    The service runs `domains` (by default the ones `CQRS_DOMAINS` names); a clash between two
+    of them stops it here. Every long-lived task runs under `supervisor` (a new one by default:
+    tests pass their own).
     """
+    if domains is None:
+        domains = load_command_domains(settings.domain_names)
+    registry = CommandRegistry.from_domains(domains)
     tolerate_invalid_utf8()
     await migrate_schema(settings.postgres_migration_dsn or settings.postgres_dsn)
     pool = await create_pool(
@@ -117,7 +113,6 @@ async def start(
     confirmed = await amqp.channel(publisher_confirms=True)
     replies = await amqp.channel(publisher_confirms=False)
     relay_channel = await amqp.channel(publisher_confirms=True)
-    registry = build_registry()
     metrics = CommandMetrics(registry.command_types)
     if supervisor is None:
         supervisor = Supervisor()
@@ -129,7 +124,7 @@ async def start(
         registry=registry,
         concurrency_retries=settings.concurrency_retries,
         snapshot_every=settings.snapshot_every,
-        authorize=build_policy(settings),
+        authorize=build_policy(settings, domains),
     )
     consumer = CommandConsumer(
         connection=amqp,
@@ -161,7 +156,8 @@ async def start(
             poll_seconds=settings.relay_poll_seconds,
             leader_timeout=settings.leader_timeout_seconds,
         )
-        for process in build_process_managers()
+        for domain in domains
+        for process in domain.process_managers
     ]
     replay_channel = await amqp.channel(publisher_confirms=True)
     await replay_channel.set_qos(prefetch_count=1)

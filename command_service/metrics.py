@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from shared.supervision import Supervisor, TaskFailuresCollector
+from cqrs_runtime.supervision import Supervisor, TaskFailuresCollector
 
 # `failed`: the handling raised something unexpected; the command was dead-lettered.
 OUTCOMES = ("accepted", "rejected", "duplicate", "dead_lettered", "requeued", "failed")

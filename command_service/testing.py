@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from command_service.domain.aggregate import Aggregate, DomainError
+from command_service.model.aggregate import Aggregate, DomainError
 from shared.messages import Command, Event
 
 A = TypeVar("A", bound=Aggregate)

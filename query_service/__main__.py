@@ -16,12 +16,12 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 
+from cqrs_runtime.http_server import server_config
+from cqrs_runtime.logging import configure_logging
+from cqrs_runtime.supervision import Failure
+from cqrs_runtime.tracing import configure_tracing, shutdown_tracing
 from query_service.bootstrap import bootstrap
-from shared.http_server import server_config
-from shared.logging import configure_logging
-from shared.settings import QueryServiceSettings
-from shared.supervision import Failure
-from shared.tracing import configure_tracing, shutdown_tracing
+from query_service.settings import QueryServiceSettings
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 

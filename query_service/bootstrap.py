@@ -6,6 +6,7 @@ everything it opens is closed by the matching `stop`/`close`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from cqrs_runtime.supervision import Supervisor
 from query_service.adapters import broker
 from query_service.adapters.mongo import (
     CHECKPOINTS_COLLECTION,
@@ -23,8 +25,9 @@ from query_service.adapters.mongo import (
     MongoCheckpoints,
     create_client,
 )
-from query_service.adapters.read_models import FIRST_GENERATION, ReadModelCatalog
-from query_service.entrypoints.http import create_app
+from query_service.adapters.read_models import ReadModelCatalog, build_catalog
+from query_service.domain import QueryDomain, load_query_domains, read_models_of
+from query_service.entrypoints.api.app import create_app
 from query_service.entrypoints.partitions import PartitionBalancer, PartitionSubscriptions
 from query_service.entrypoints.projector import (
     DEFAULT_RETRY_POLICY,
@@ -32,20 +35,11 @@ from query_service.entrypoints.projector import (
     RetryPolicy,
 )
 from query_service.metrics import ProjectorMetrics
-from query_service.projections.base import BatchProjection
-from query_service.projections.ledger import build_catalog
 from query_service.service_layer.projector import GapPolicy, Projector
+from query_service.settings import QueryServiceSettings
 from shared.amqp import tolerate_invalid_utf8
-from shared.settings import QueryServiceSettings
-from shared.supervision import Supervisor
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
-
-
-def build_projections(database: AsyncDatabase[Document]) -> list[BatchProjection]:
-    """The ledger's projections over their first generation (tools and tests)."""
-    catalog = build_catalog(database)
-    return [catalog.projection(name, FIRST_GENERATION) for name in catalog.models]
 
 
 def gap_policy_of(settings: QueryServiceSettings) -> GapPolicy:
@@ -101,7 +95,9 @@ async def start_projector(
     """
     tolerate_invalid_utf8()
     supervisor = supervisor if supervisor is not None else Supervisor()
-    catalog = catalog if catalog is not None else build_catalog(database)
+    if catalog is None:
+        domains = load_query_domains(settings.domain_names)
+        catalog = build_catalog(database, read_models_of(domains))
     await catalog.ensure_current_indexes()
     checkpoints = BufferedCheckpoints(
         MongoCheckpoints(database[CHECKPOINTS_COLLECTION]), supervisor=supervisor
@@ -181,16 +177,23 @@ class QueryService:
 
 
 async def bootstrap(
-    settings: QueryServiceSettings, *, supervisor: Supervisor | None = None
+    settings: QueryServiceSettings,
+    *,
+    domains: Sequence[QueryDomain] | None = None,
+    supervisor: Supervisor | None = None,
 ) -> QueryService:
-    """Build the service: one MongoDB client shared by the projector and the API, and one
-    supervisor for every long-lived task of both."""
+    """Build the service over `domains` (by default the ones `CQRS_DOMAINS` names): one MongoDB
+    client shared by the projector and the API, and one supervisor for every long-lived task
+    of both. A clash between two domains stops it here."""
+    if domains is None:
+        domains = load_query_domains(settings.domain_names)
+    read_models = read_models_of(domains)
     tolerate_invalid_utf8()
     supervisor = supervisor if supervisor is not None else Supervisor()
     supervisor.transient = TRANSIENT_ERRORS
     mongo = create_client(settings.mongo_url)
     database = mongo[settings.mongo_db]
-    catalog = build_catalog(database)
+    catalog = build_catalog(database, read_models)
     metrics = ProjectorMetrics() if settings.run_projector else None
     try:
         projector = (
@@ -204,7 +207,9 @@ async def bootstrap(
         await mongo.close()
         raise
     app = (
-        create_app(settings, catalog=catalog, metrics=metrics, supervisor=supervisor)
+        create_app(
+            settings, domains=domains, catalog=catalog, metrics=metrics, supervisor=supervisor
+        )
         if settings.run_api
         else None
     )

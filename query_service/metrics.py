@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from shared.supervision import Supervisor, TaskFailuresCollector
+from cqrs_runtime.supervision import Supervisor, TaskFailuresCollector
 
 # Label value of a request no route matched, so stray paths cannot grow the label set.
 UNMATCHED_ROUTE = "<unmatched>"

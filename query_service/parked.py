@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractConnection
 
 from query_service.adapters import broker
 from query_service.adapters.parked import drop_parked, list_parked, replay_parked, to_json
-from shared.settings import QueryServiceSettings
+from query_service.settings import QueryServiceSettings
 
 app = typer.Typer(
     add_completion=False,

@@ -36,7 +36,7 @@ from aio_pika.exceptions import (
 )
 from aiormq.exceptions import ChannelAccessRefused
 
-from shared import tracing
+from cqrs_runtime import tracing
 from shared.amqp import broker_login, tolerate_invalid_utf8
 from shared.messages import Command, CommandEnvelope, CommandMetadata, Reply
 from shared.topology import (

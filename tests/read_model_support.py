@@ -10,16 +10,21 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 
 from query_service.adapters.mongo import Document, create_client
-from query_service.adapters.read_models import FIRST_GENERATION
-from query_service.projections.ledger import build_catalog
+from query_service.adapters.read_models import FIRST_GENERATION, ReadModelCatalog, build_catalog
+from query_service.domains import ledger
 from shared.messages import EventEnvelope
 
 Snapshot = dict[str, list[Document]]
 
 
+def ledger_catalog(database: AsyncDatabase[Document]) -> ReadModelCatalog:
+    """The ledger's read models over `database`."""
+    return build_catalog(database, ledger.domain.read_models)
+
+
 async def snapshot(database: AsyncDatabase[Document]) -> Snapshot:
     """Every document of every read model's current generation, by logical collection name."""
-    catalog = build_catalog(database)
+    catalog = ledger_catalog(database)
     states = await catalog.registry.states()
     found: Snapshot = {}
     for name in catalog.models:
@@ -32,7 +37,7 @@ async def snapshot(database: AsyncDatabase[Document]) -> Snapshot:
 async def generation_snapshot(
     database: AsyncDatabase[Document], name: str, generation: int
 ) -> Snapshot:
-    catalog = build_catalog(database)
+    catalog = ledger_catalog(database)
     return {
         logical: await collection.find({}).sort("_id", 1).to_list()
         for logical, collection in catalog.collections(name, generation).items()
@@ -43,7 +48,7 @@ async def replay_one_by_one(
     database: AsyncDatabase[Document], events: Iterable[EventEnvelope]
 ) -> None:
     """Apply `events` in order, one at a time, to the first generation of every read model."""
-    catalog = build_catalog(database)
+    catalog = ledger_catalog(database)
     projections = [catalog.projection(name, FIRST_GENERATION) for name in catalog.models]
     for event in events:
         for projection in projections:

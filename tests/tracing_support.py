@@ -9,8 +9,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared import tracing
-from shared.settings import CommonSettings
+from cqrs_runtime import tracing
+from cqrs_runtime.settings import CommonSettings
 
 
 @contextmanager

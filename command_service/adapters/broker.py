@@ -14,8 +14,9 @@ from aio_pika.abc import (
     FieldValue,
 )
 
-from shared import topology, tracing
-from shared.amqp import QueueBounds, copy_message, declare_bounded_queue
+from cqrs_runtime import tracing
+from cqrs_runtime.messaging import QueueBounds, copy_message, declare_bounded_queue
+from shared import topology
 from shared.messages import EventEnvelope, Reply
 from shared.text import is_identifier
 

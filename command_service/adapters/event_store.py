@@ -21,7 +21,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
-from shared import tracing
+from cqrs_runtime import tracing
 from shared.messages import Event, EventEnvelope, EventMetadata, Reply
 
 # A connection of its own or one lent by the pool.

@@ -25,7 +25,7 @@ import structlog
 
 from command_service.adapters.leadership import connect_leader, while_alive
 from command_service.adapters.subscription import RECOVERABLE_ERRORS
-from shared.supervision import mark_healthy
+from cqrs_runtime.supervision import mark_healthy
 
 log = structlog.get_logger(__name__)
 

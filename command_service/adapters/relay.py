@@ -23,7 +23,7 @@ from command_service.adapters.broker import event_message
 from command_service.adapters.event_store import StoredEvent
 from command_service.adapters.subscription import RECOVERABLE_ERRORS
 from command_service.metrics import CommandMetrics
-from shared.supervision import Failure
+from cqrs_runtime.supervision import Failure
 
 log = structlog.get_logger(__name__)
 

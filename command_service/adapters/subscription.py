@@ -33,7 +33,7 @@ from command_service.adapters.event_store import (
     read_all,
 )
 from command_service.adapters.leadership import connect_leader, while_alive
-from shared.supervision import Failure, mark_healthy
+from cqrs_runtime.supervision import Failure, mark_healthy
 
 log = structlog.get_logger(__name__)
 

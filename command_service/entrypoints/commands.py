@@ -50,13 +50,13 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from command_service.adapters.broker import dead_letter_message, reply_message
 from command_service.adapters.event_store import EventStoreUnavailableError
 from command_service.adapters.subscription import BROKER_ERRORS
-from command_service.domain.authorization import Actor
 from command_service.metrics import CommandMetrics
+from command_service.model.authorization import Actor
 from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry, UnknownCommandError
-from shared import tracing
+from cqrs_runtime import tracing
+from cqrs_runtime.supervision import Supervisor, mark_healthy
 from shared.messages import CommandEnvelope, Reply, ReplyError
-from shared.supervision import Supervisor, mark_healthy
 from shared.text import is_identifier
 from shared.topology import AGGREGATE_ID_HEADER, REPLY_QUEUE_PREFIX
 

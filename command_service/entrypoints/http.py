@@ -31,8 +31,8 @@ from command_service.adapters.relay import RELAY_SUBSCRIPTION
 from command_service.adapters.subscription import Subscription
 from command_service.entrypoints.commands import CommandConsumer
 from command_service.metrics import CommandMetrics
-from shared.http_server import server_config
-from shared.supervision import Supervisor, mark_healthy
+from cqrs_runtime.http_server import server_config
+from cqrs_runtime.supervision import Supervisor, mark_healthy
 
 log = structlog.get_logger(__name__)
 

@@ -24,9 +24,9 @@ from command_service.adapters.event_store import (
     read_all,
     translate_driver_errors,
 )
+from cqrs_runtime.supervision import Supervisor
 from shared import topology
 from shared.messages import ReplayProgress, ReplayRequest
-from shared.supervision import Supervisor
 
 log = structlog.get_logger(__name__)
 

@@ -14,11 +14,11 @@ from command_service.adapters.event_store import (
     NewEvent,
     WrongAggregateTypeError,
 )
-from command_service.domain.aggregate import Aggregate, DomainError
-from command_service.domain.authorization import FORBIDDEN, Actor, AuthorizationPolicy
+from command_service.model.aggregate import Aggregate, DomainError
+from command_service.model.authorization import FORBIDDEN, Actor, AuthorizationPolicy
 from command_service.service_layer.registry import CommandRegistry
 from command_service.service_layer.repository import AggregateRepository
-from shared import tracing
+from cqrs_runtime import tracing
 from shared.messages import CommandEnvelope, Reply, ReplyError
 
 log = structlog.get_logger(__name__)

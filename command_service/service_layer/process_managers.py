@@ -12,11 +12,11 @@ import structlog
 
 from command_service.adapters.event_store import StoredEvent
 from command_service.adapters.subscription import RetryLaterError
-from command_service.domain.authorization import Actor
-from command_service.domain.process import IssuedCommand, ProcessManager
+from command_service.model.authorization import Actor
+from command_service.model.process import IssuedCommand, ProcessManager
 from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry
-from shared import tracing
+from cqrs_runtime import tracing
 from shared.messages import CommandEnvelope, CommandMetadata
 
 log = structlog.get_logger(__name__)

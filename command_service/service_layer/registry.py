@@ -1,19 +1,18 @@
 """Which aggregate decides which command, and how stored events are read back.
 
-The framework's dispatch table: a user adds an aggregate by registering it here from the
-composition root; nothing else in the framework changes.
+The framework's dispatch table, built from the domains the service runs (`from_domains`). Two
+domains may not name the same aggregate, command or event type: that is refused when the
+service starts, never settled by whichever registered last.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from command_service.domain.aggregate import Aggregate
+from command_service.model.aggregate import Aggregate
+from command_service.model.domain import CommandDomain, DomainSetupError, Upcaster
 from shared.messages import Command, CommandEnvelope, Event
-
-# An upcaster turns the data of an event stored at schema version N into version N + 1.
-Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class UnknownCommandError(LookupError):
@@ -32,14 +31,43 @@ class CommandRegistry:
         self._internal: dict[str, tuple[type[Command], type[Aggregate]]] = {}
         self._events: dict[str, type[Event]] = {}
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        self._aggregates: dict[str, type[Aggregate]] = {}
+        self._owners: dict[str, str] = {}  # "kind name" -> the aggregate that has it
 
-    def register(self, aggregate: type[Aggregate]) -> None:
+    @classmethod
+    def from_domains(cls, domains: Sequence[CommandDomain]) -> CommandRegistry:
+        """Every aggregate and upcaster of `domains`; raises `DomainSetupError` on a clash."""
+        registry = cls()
+        for domain in domains:
+            for aggregate in domain.aggregates:
+                registry.register(aggregate, domain=domain.name)
+            for spec in domain.upcasters:
+                registry.register_upcaster(spec.event_type, spec.from_version, spec.upcast)
+        return registry
+
+    def register(self, aggregate: type[Aggregate], *, domain: str | None = None) -> None:
+        owner = f"aggregate {aggregate.__name__}" + (f" of domain {domain!r}" if domain else "")
+        self._claim("aggregate type", aggregate.aggregate_type, owner)
+        self._aggregates[aggregate.aggregate_type] = aggregate
+        for command in (*aggregate.commands, *aggregate.internal_commands):
+            self._claim("command type", command.type_name(), owner)
         for command in aggregate.commands:
             self._commands[command.type_name()] = (command, aggregate)
         for command in aggregate.internal_commands:
             self._internal[command.type_name()] = (command, aggregate)
         for event in aggregate.events:
+            # One event class may serve two aggregates; two classes may not share a name.
+            if self._events.get(event.type_name()) is not event:
+                self._claim("event type", event.type_name(), owner)
             self._events[event.type_name()] = event
+
+    def _claim(self, kind: str, name: str, owner: str) -> None:
+        holder = self._owners.setdefault(f"{kind} {name}", owner)
+        if holder != owner:
+            raise DomainSetupError(
+                f"{kind} {name!r} of {owner} is already registered by {holder}: "
+                "two domains (or aggregates) may not share a name"
+            )
 
     def register_upcaster(self, event_type: str, from_version: int, upcaster: Upcaster) -> None:
         self._upcasters[(event_type, from_version)] = upcaster
@@ -47,6 +75,11 @@ class CommandRegistry:
     @property
     def command_types(self) -> Iterable[str]:
         return self._commands.keys()
+
+    @property
+    def aggregates(self) -> Mapping[str, type[Aggregate]]:
+        """Aggregate type -> its class."""
+        return self._aggregates
 
     def parse(
         self, envelope: CommandEnvelope, *, internal: bool = False

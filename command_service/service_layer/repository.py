@@ -14,7 +14,7 @@ from command_service.adapters.event_store import (
     Snapshot,
     WrongAggregateTypeError,
 )
-from command_service.domain.aggregate import Aggregate
+from command_service.model.aggregate import Aggregate
 from command_service.service_layer.registry import CommandRegistry
 from shared.messages import Event
 

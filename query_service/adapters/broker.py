@@ -31,7 +31,7 @@ from aio_pika.abc import (
     HeadersType,
 )
 
-from shared.amqp import QueueBounds, copy_message, declare_bounded_queue
+from cqrs_runtime.messaging import QueueBounds, copy_message, declare_bounded_queue
 from shared.topology import (
     AGGREGATE_ID_HEADER,
     EVENTS_EXCHANGE,

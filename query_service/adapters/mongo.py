@@ -19,8 +19,8 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
+from cqrs_runtime.supervision import Supervisor, mark_healthy
 from query_service.projections.base import ApplyResult, InvalidEvent
-from shared.supervision import Supervisor, mark_healthy
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 

@@ -19,8 +19,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import ChannelNotFoundEntity
 
+from cqrs_runtime.messaging import copy_message
 from query_service.adapters import broker
-from shared.amqp import copy_message
 from shared.topology import AGGREGATE_ID_HEADER, PROJECTOR_PARKED_QUEUE, REASON_HEADER
 
 BODY_PREVIEW_CHARS = 300

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -27,6 +27,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from query_service.adapters.mongo import (
+    READ_MODELS_COLLECTION,
     Document,
     generation_collections,
     generation_of,
@@ -352,3 +353,12 @@ class ReadModelCatalog:
             await ensure_indexes(self._database, self.models[name], state.current)
             if state.target is not None:
                 await ensure_indexes(self._database, self.models[name], state.target)
+
+
+def build_catalog(
+    database: AsyncDatabase[Document], read_models: Sequence[ReadModel]
+) -> ReadModelCatalog:
+    """`read_models` over `database`, with their generation pointers."""
+    return ReadModelCatalog(
+        database, list(read_models), ReadModelRegistry(database[READ_MODELS_COLLECTION])
+    )

@@ -23,9 +23,9 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
+from cqrs_runtime.supervision import Supervisor, mark_healthy
 from query_service.adapters import broker
 from query_service.entrypoints.projector import ProjectorConsumer
-from shared.supervision import Supervisor, mark_healthy
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 

@@ -36,14 +36,14 @@ from tenacity import (
     wait_exponential,
 )
 
+from cqrs_runtime import tracing
+from cqrs_runtime.supervision import Supervisor
 from query_service.adapters.broker import ParkedQueueFullError
 from query_service.adapters.mongo import TRANSIENT_ERRORS
 from query_service.entrypoints.lanes import AggregateLanes
 from query_service.metrics import ProjectorMetrics
 from query_service.service_layer.projector import Outcome, Projected, Rejected
-from shared import tracing
 from shared.messages import EventEnvelope
-from shared.supervision import Supervisor
 from shared.topology import AGGREGATE_ID_HEADER
 
 if TYPE_CHECKING:

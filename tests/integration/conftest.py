@@ -10,8 +10,8 @@ import pytest
 from command_service.adapters.event_store import PostgresEventStore, create_pool
 from command_service.adapters.migrations import migrate
 from command_service.bootstrap import CommandService, start
+from command_service.settings import CommandServiceSettings
 from shared.client import CommandClient
-from shared.settings import CommandServiceSettings
 from tests.tcp_proxy import TcpProxy, proxy_for
 
 pytestmark = pytest.mark.integration

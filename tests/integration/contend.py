@@ -11,9 +11,10 @@ import uuid
 from typing import Any
 
 from command_service.adapters.event_store import ConcurrencyError, PostgresEventStore, create_pool
-from command_service.bootstrap import build_registry
-from command_service.domain.authorization import Actor
+from command_service.domains import ledger
+from command_service.model.authorization import Actor
 from command_service.service_layer.handlers import handle_command
+from command_service.service_layer.registry import CommandRegistry
 from shared.client import envelope_for
 from shared.ledger import DepositMoney
 
@@ -33,7 +34,7 @@ class CountingStore(PostgresEventStore):
 
 async def main(dsn: str, account: uuid.UUID, count: int) -> int:
     pool = await create_pool(dsn, 8)
-    store, registry = CountingStore(pool), build_registry()
+    store, registry = CountingStore(pool), CommandRegistry.from_domains([ledger.domain])
     replies = await asyncio.gather(
         *(
             handle_command(

@@ -24,11 +24,14 @@ import asyncpg
 import pytest
 
 from command_service.adapters.event_store import PostgresEventStore
-from command_service.bootstrap import CommandService, build_registry, start
-from command_service.domain.account import Account
-from command_service.domain.transfer import Transfer
+from command_service.bootstrap import CommandService, start
+from command_service.domains import ledger
+from command_service.domains.ledger.account import Account
+from command_service.domains.ledger.transfer import Transfer
+from command_service.service_layer.registry import CommandRegistry
+from command_service.settings import CommandServiceSettings
+from cqrs_cli.dlq import list_dead_letters, replay_dead_letters
 from shared import topology
-from shared.cli.dlq import list_dead_letters, replay_dead_letters
 from shared.client import BrokerRefusedError, CommandClient, envelope_for
 from shared.ledger import (
     CloseAccount,
@@ -40,7 +43,6 @@ from shared.ledger import (
     WithdrawMoney,
 )
 from shared.messages import Command, CommandEnvelope, CommandMetadata, Reply
-from shared.settings import CommandServiceSettings
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +105,7 @@ async def guarded(
     """The command service with the ledger's owner policy, `admin` privileged."""
     service = await start(
         command_settings.model_copy(
-            update={"authorization": "owner", "privileged_users": logins["admin"].name}
+            update={"authorization": "on", "privileged_users": logins["admin"].name}
         )
     )
     yield service
@@ -139,7 +141,7 @@ async def stream(pg_dsn: str, stream_id: uuid.UUID) -> list[tuple[str, str | Non
 
 
 async def balance(pool: asyncpg.Pool, account: uuid.UUID) -> int:
-    registry = build_registry()
+    registry = CommandRegistry.from_domains([ledger.domain])
     history = await PostgresEventStore(pool).load_stream(account)
     events = [registry.event_from_stored(e.type, e.schema_version, e.data) for e in history]
     return Account.rehydrate(account, events).balance
@@ -227,7 +229,7 @@ async def test_a_client_may_not_transfer_out_of_another_clients_account(
     )
     assert reply.status == "accepted"
     store = PostgresEventStore(pool)
-    registry = build_registry()
+    registry = CommandRegistry.from_domains([ledger.domain])
     async with asyncio.timeout(15):
         while True:
             history = await store.load_stream(mine)

@@ -23,15 +23,16 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, FieldValue
 from pymongo.asynchronous.database import AsyncDatabase
 
 from command_service.bootstrap import start
+from command_service.settings import CommandServiceSettings
+from cqrs_cli.dlq import list_dead_letters
 from query_service.adapters.mongo import Document, create_client
 from query_service.adapters.parked import drop_parked, list_parked, parked_count
 from query_service.bootstrap import start_projector
+from query_service.settings import QueryServiceSettings
 from shared import topology
-from shared.cli.dlq import list_dead_letters
 from shared.client import CommandClient
 from shared.ledger import AccountOpened, OpenAccount
 from shared.messages import Reply
-from shared.settings import CommandServiceSettings, QueryServiceSettings
 from tests.conftest import Services
 from tests.query_support import envelope, eventually, relay_message
 

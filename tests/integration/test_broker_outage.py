@@ -13,8 +13,8 @@ import aio_pika
 import pytest
 
 from command_service.bootstrap import start
+from command_service.settings import CommandServiceSettings
 from shared import topology
-from shared.settings import CommandServiceSettings
 from tests.tcp_proxy import TcpProxy, through
 
 pytestmark = pytest.mark.integration

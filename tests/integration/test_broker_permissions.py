@@ -15,10 +15,10 @@ import aiormq
 import pytest
 
 from command_service.bootstrap import start
+from command_service.settings import CommandServiceSettings
 from shared import topology
 from shared.client import CommandClient
 from shared.ledger import OpenAccount
-from shared.settings import CommandServiceSettings
 
 pytestmark = pytest.mark.integration
 

@@ -20,11 +20,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from command_service.bootstrap import CommandService, start
+from command_service.settings import CommandServiceSettings
 from shared import topology
 from shared.client import CommandClient, envelope_for
 from shared.ledger import ACCOUNT, DepositMoney, OpenAccount, WithdrawMoney
 from shared.messages import CommandEnvelope
-from shared.settings import CommandServiceSettings
 from tests.metrics_support import Samples, labelled, scrape, value
 from tests.query_support import eventually
 from tests.reason_support import driver_details

@@ -9,9 +9,10 @@ import uuid
 import pytest
 
 from command_service.adapters.event_store import PostgresEventStore
-from command_service.bootstrap import build_registry
-from command_service.domain.authorization import Actor
+from command_service.domains import ledger
+from command_service.model.authorization import Actor
 from command_service.service_layer.handlers import handle_command
+from command_service.service_layer.registry import CommandRegistry
 from shared.client import envelope_for
 from shared.ledger import OpenAccount
 
@@ -28,7 +29,7 @@ async def test_concurrent_deposits_from_several_processes_all_land_exactly_once(
         envelope_for(OpenAccount(owner_id="o", currency="EUR"), account),
         store=store,
         actor=Actor.anonymous(),
-        registry=build_registry(),
+        registry=CommandRegistry.from_domains([ledger.domain]),
         concurrency_retries=0,
     )
     assert opened.status == "accepted"

@@ -26,17 +26,17 @@ from aio_pika.abc import AbstractChannel, AbstractQueue
 from command_service.adapters import relay as relay_module
 from command_service.adapters.partition_leases import PartitionLeases
 from command_service.bootstrap import CommandService, start
-from command_service.domain.account import Account
+from command_service.domains.ledger.account import Account
 from command_service.entrypoints import http as http_module
 from command_service.entrypoints.commands import CommandConsumer
 from command_service.entrypoints.replay import ReplayServer
 from command_service.service_layer.process_managers import ProcessManagerRunner
+from command_service.settings import CommandServiceSettings
+from cqrs_runtime.supervision import Backoff, Supervisor
 from shared import topology
 from shared.client import CommandClient
 from shared.ledger import DepositMoney, OpenAccount, RequestTransfer
 from shared.messages import ReplayRequest, Reply
-from shared.settings import CommandServiceSettings
-from shared.supervision import Backoff, Supervisor
 from tests.integration.test_command_service import drain
 from tests.metrics_support import scrape, value
 from tests.query_support import eventually

@@ -12,11 +12,11 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from command_service.bootstrap import start
+from command_service.settings import CommandServiceSettings
 from shared import topology
 from shared.client import CommandClient, envelope_for
 from shared.ledger import DepositMoney, OpenAccount, WithdrawMoney
 from shared.messages import Command, Reply
-from shared.settings import CommandServiceSettings
 from tests.metrics_support import scrape, value
 from tests.query_support import eventually
 from tests.tcp_proxy import TcpProxy, through

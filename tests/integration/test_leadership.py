@@ -20,8 +20,8 @@ import pytest
 from command_service.adapters.event_store import NewEvent, PostgresEventStore, StoredEvent
 from command_service.adapters.partition_leases import PartitionLeases
 from command_service.adapters.subscription import RECOVERABLE_ERRORS, Subscription
+from cqrs_runtime.supervision import Backoff, Supervisor
 from shared.ledger import AccountOpened
-from shared.supervision import Backoff, Supervisor
 from tests.tcp_proxy import TcpProxy, through
 
 pytestmark = pytest.mark.integration

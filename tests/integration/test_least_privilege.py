@@ -11,9 +11,9 @@ import asyncpg
 import pytest
 
 from command_service.bootstrap import start
+from command_service.settings import CommandServiceSettings
 from shared.client import CommandClient
 from shared.ledger import DepositMoney, OpenAccount, RequestTransfer
-from shared.settings import CommandServiceSettings
 
 pytestmark = pytest.mark.integration
 

@@ -25,11 +25,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
 from query_service.adapters.mongo import Document, create_client
-from query_service.entrypoints.http import create_app
-from query_service.projections.ledger import build_catalog
-from shared.settings import QueryServiceSettings
+from query_service.entrypoints.api.app import create_app
+from query_service.settings import QueryServiceSettings
 from tests.query_support import opened_account, served
-from tests.read_model_support import replay_one_by_one
+from tests.read_model_support import ledger_catalog, replay_one_by_one
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +129,7 @@ async def test_the_query_user_projects_and_serves(
     server: SecuredServer, as_query: AsyncDatabase[Document]
 ) -> None:
     account = uuid4()
-    catalog = build_catalog(as_query)
+    catalog = ledger_catalog(as_query)
     await catalog.ensure_current_indexes()
     await replay_one_by_one(as_query, opened_account(account, owner_id="alice", deposit=10))
     # A rebuild drops the generation it replaced.

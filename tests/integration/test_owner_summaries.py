@@ -19,9 +19,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from query_service.adapters.mongo import Document, create_client
 from query_service.adapters.read_models import ReadModelCatalog
-from query_service.entrypoints.http import create_app
+from query_service.entrypoints.api.app import create_app
 from query_service.projections.base import ApplyStatus
-from query_service.projections.ledger import build_catalog
+from query_service.settings import QueryServiceSettings
 from shared.ledger import (
     MAX_BALANCE,
     AccountClosed,
@@ -31,9 +31,9 @@ from shared.ledger import (
     MoneyWithdrawn,
 )
 from shared.messages import Event, EventEnvelope
-from shared.settings import QueryServiceSettings
 from tests.conftest import Services
 from tests.query_support import envelope, served
+from tests.read_model_support import ledger_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ async def database(services: Services, mongo_db: str) -> AsyncIterator[AsyncData
 
 @pytest.fixture
 def catalog(database: AsyncDatabase[Document]) -> ReadModelCatalog:
-    return build_catalog(database)
+    return ledger_catalog(database)
 
 
 @pytest.fixture

@@ -19,10 +19,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from query_service.adapters.mongo import Document, create_client
 from query_service.adapters.parked import list_parked, parked_count, replay_parked
 from query_service.bootstrap import ProjectorRuntime, start_projector
-from query_service.entrypoints.http import create_app
+from query_service.entrypoints.api.app import create_app
 from query_service.service_layer.projector import GapPolicy
+from query_service.settings import QueryServiceSettings
 from shared.ledger import MoneyDeposited
-from shared.settings import QueryServiceSettings
 from shared.topology import EVENTS_EXCHANGE
 from tests.conftest import Services
 from tests.query_support import (

@@ -17,7 +17,7 @@ from query_service.adapters.mongo import (
     VersionedCollection,
     create_client,
 )
-from query_service.projections.accounts import AccountsProjection
+from query_service.domains.ledger.accounts import AccountsProjection
 from query_service.projections.base import ApplyStatus, InvalidEvent
 from query_service.service_layer.projector import GapPolicy, Outcome, Projected, Rejected, project
 from shared.ledger import (

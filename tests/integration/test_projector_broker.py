@@ -22,8 +22,8 @@ from query_service.adapters.broker import (
 from query_service.adapters.mongo import Document, create_client
 from query_service.bootstrap import ProjectorRuntime, start_projector
 from query_service.service_layer.projector import GapPolicy
+from query_service.settings import QueryServiceSettings
 from shared.ledger import AccountOpened, MoneyDeposited, MoneyWithdrawn
-from shared.settings import QueryServiceSettings
 from shared.topology import (
     EVENTS_EXCHANGE,
     PROJECTOR_PARKED_QUEUE,

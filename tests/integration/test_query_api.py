@@ -17,13 +17,14 @@ from query_service.adapters.mongo import (
     MongoCheckpoints,
     create_client,
 )
-from query_service.bootstrap import build_projections
-from query_service.entrypoints.http import create_app
+from query_service.adapters.read_models import FIRST_GENERATION
+from query_service.entrypoints.api.app import create_app
 from query_service.service_layer.projector import project
+from query_service.settings import QueryServiceSettings
 from shared.ledger import AccountFrozen, MoneyWithdrawn
-from shared.settings import QueryServiceSettings
 from tests.conftest import Services
 from tests.query_support import envelope, opened_account, served
+from tests.read_model_support import ledger_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +59,10 @@ async def test_shows_a_projected_account(
         envelope(account_id, 4, AccountFrozen()),
     ]
     for event in stream:
+        catalog = ledger_catalog(database)
         await project(
             event,
-            projections=build_projections(database),
+            projections=[catalog.projection(name, FIRST_GENERATION) for name in catalog.models],
             checkpoints=MongoCheckpoints(database[CHECKPOINTS_COLLECTION]),
         )
 

@@ -11,8 +11,8 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from query_service.adapters.mongo import Document, create_client
-from query_service.entrypoints.http import create_app
-from shared.settings import QueryServiceSettings
+from query_service.entrypoints.api.app import create_app
+from query_service.settings import QueryServiceSettings
 from tests.conftest import Services
 from tests.query_support import opened_account, served
 from tests.read_model_support import replay_one_by_one

@@ -15,7 +15,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from query_service.adapters.mongo import Document, create_client
 from query_service.bootstrap import start_projector
-from query_service.entrypoints.http import create_app
+from query_service.entrypoints.api.app import create_app
+from query_service.settings import QueryServiceSettings
 from shared.ledger import (
     TRANSFER,
     AccountFrozen,
@@ -26,7 +27,6 @@ from shared.ledger import (
     TransferRequested,
 )
 from shared.messages import EventEnvelope
-from shared.settings import QueryServiceSettings
 from tests.conftest import Services
 from tests.query_support import envelope, opened_account, served
 from tests.read_model_support import replay_one_by_one

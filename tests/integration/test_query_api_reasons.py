@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from query_service.adapters import broker as amqp
-from shared.settings import QueryServiceSettings
+from query_service.settings import QueryServiceSettings
 from tests.conftest import Services
 from tests.query_support import eventually, query_api_process
 from tests.reason_support import driver_details

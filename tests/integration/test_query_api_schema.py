@@ -33,7 +33,8 @@ from schemathesis.generation.case import Case
 from schemathesis.schemas import APIOperation
 
 from query_service.adapters.mongo import Document, create_client
-from query_service.entrypoints.http import create_app
+from query_service.entrypoints.api.app import create_app
+from query_service.settings import QueryServiceSettings
 from shared.ledger import (
     TRANSFER,
     MoneyDebitedForTransfer,
@@ -41,7 +42,6 @@ from shared.ledger import (
     TransferCompleted,
     TransferRequested,
 )
-from shared.settings import QueryServiceSettings
 from tests.conftest import Services
 from tests.query_support import envelope, opened_account
 from tests.read_model_support import replay_one_by_one

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from query_service.bootstrap import QueryService, bootstrap
-from shared.settings import QueryServiceSettings
+from query_service.settings import QueryServiceSettings
 from shared.topology import EVENTS_EXCHANGE
 from tests.conftest import Services
 from tests.metrics_support import Samples, labelled, scrape, value

@@ -20,15 +20,15 @@ from query_service.adapters.mongo import Document, create_client
 from query_service.adapters.parked import list_parked, replay_parked
 from query_service.adapters.replay import AmqpReplaySource
 from query_service.bootstrap import start_projector
-from query_service.entrypoints.http import create_app
-from query_service.projections.ledger import build_catalog
+from query_service.entrypoints.api.app import create_app
 from query_service.service_layer.projector import GapPolicy
 from query_service.service_layer.rebuild import Rebuild, RebuildPolicy
+from query_service.settings import QueryServiceSettings
 from shared.ledger import MoneyDeposited
-from shared.settings import QueryServiceSettings
 from shared.topology import EVENTS_EXCHANGE
 from tests.conftest import Services
 from tests.query_support import envelope, eventually, opened_account, publish
+from tests.read_model_support import ledger_catalog
 from tests.replay_support import FakeReplayServer
 
 pytestmark = pytest.mark.integration
@@ -109,7 +109,7 @@ async def test_the_query_user_can_do_everything_the_query_service_does(
 
         async with FakeReplayServer(broker, published):
             result = await Rebuild(
-                build_catalog(database),
+                ledger_catalog(database),
                 AmqpReplaySource(connection),
                 ["accounts"],
                 policy=RebuildPolicy(retire_seconds=0),

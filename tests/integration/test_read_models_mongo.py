@@ -16,9 +16,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from query_service.adapters.mongo import Document, create_client
 from query_service.adapters.read_models import ReadModelCatalog
+from query_service.domains.ledger.views import owner_summary
 from query_service.projections.base import ApplyStatus, BatchProjection
-from query_service.projections.ledger import build_catalog
-from query_service.views import owner_summary
 from shared.ledger import (
     TRANSFER,
     AccountClosed,
@@ -45,7 +44,7 @@ from tests.query_support import (
     envelope,
     opened_account,
 )
-from tests.read_model_support import differences, generation_snapshot
+from tests.read_model_support import differences, generation_snapshot, ledger_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +58,7 @@ async def database(services: Services, mongo_db: str) -> AsyncIterator[AsyncData
 
 @pytest.fixture
 def catalog(database: AsyncDatabase[Document]) -> ReadModelCatalog:
-    return build_catalog(database)
+    return ledger_catalog(database)
 
 
 def projection(catalog: ReadModelCatalog, name: str, generation: int = 1) -> BatchProjection:

@@ -8,9 +8,7 @@ event, the API never went back in time, and the old generation is gone.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from uuid import UUID, uuid4
@@ -29,9 +27,9 @@ from query_service.adapters.replay import (
     ReplayUnavailableError,
 )
 from query_service.bootstrap import ProjectorRuntime, start_projector
-from query_service.entrypoints.http import create_app
-from query_service.projections.ledger import build_catalog
+from query_service.entrypoints.api.app import create_app
 from query_service.service_layer.rebuild import Rebuild, RebuildPolicy, RebuildProgress
+from query_service.settings import QueryServiceSettings
 from shared.ledger import (
     TRANSFER,
     AccountFrozen,
@@ -45,7 +43,6 @@ from shared.ledger import (
     TransferRequested,
 )
 from shared.messages import Event, EventEnvelope
-from shared.settings import QueryServiceSettings
 from shared.topology import (
     EVENTS_EXCHANGE,
     PROJECTOR_PARKED_QUEUE,
@@ -54,7 +51,7 @@ from shared.topology import (
 )
 from tests.conftest import Services
 from tests.query_support import envelope, eventually, opened_account, publish
-from tests.read_model_support import differences, reference_snapshot, snapshot
+from tests.read_model_support import differences, ledger_catalog, reference_snapshot, snapshot
 from tests.replay_support import FakeReplayServer
 
 pytestmark = pytest.mark.integration
@@ -176,7 +173,7 @@ async def projected(database: AsyncDatabase[Document], ledger: Ledger) -> None:
     """Wait until the live read models hold every published event (their heads match)."""
 
     async def versions() -> dict[str, int]:
-        catalog = build_catalog(database)
+        catalog = ledger_catalog(database)
         accounts = await catalog.collection("accounts")
         heads = await catalog.collection("transactions", "transaction_heads")
         found = {doc["_id"]: doc["version"] async for doc in accounts.find({}, {"version": 1})}
@@ -205,7 +202,7 @@ async def test_rebuilds_every_read_model_while_events_and_queries_keep_flowing(
     await ledger.open_accounts(24)
     await ledger.activity(60)
     await projected(database, ledger)
-    catalog = build_catalog(database)
+    catalog = ledger_catalog(database)
     seen: list[RebuildProgress] = []
 
     app = create_app(settings, database=database)
@@ -285,7 +282,7 @@ async def test_a_replay_started_over_by_the_command_side_changes_nothing(
 
     async with FakeReplayServer(settings.amqp_url, ledger.published, restart_after=25):
         result = await Rebuild(
-            build_catalog(database),
+            ledger_catalog(database),
             AmqpReplaySource(connection, batch_size=10),
             ["accounts", "transactions"],
             policy=FAST,
@@ -304,7 +301,7 @@ async def test_a_rebuild_without_an_answer_fails_and_leaves_the_live_model_alone
     ledger = Ledger(events, seed=3)
     await ledger.open_accounts(3)
     await projected(database, ledger)
-    catalog = build_catalog(database)
+    catalog = ledger_catalog(database)
 
     def rebuild() -> Rebuild:
         source = AmqpReplaySource(connection, start_timeout=0.5)
@@ -342,7 +339,7 @@ async def test_a_second_rebuild_of_the_same_model_is_refused_while_one_runs(
     ledger = Ledger(events, seed=4)
     await ledger.open_accounts(3)
     await projected(database, ledger)
-    catalog = build_catalog(database)
+    catalog = ledger_catalog(database)
     first = Rebuild(catalog, AmqpReplaySource(connection), ["transfers"], policy=FAST)
     await first.claim()
 
@@ -376,47 +373,6 @@ async def test_a_second_rebuild_of_the_same_model_is_refused_while_one_runs(
     assert final["rebuild"]["total"] == final["rebuild"]["done"]  # type: ignore[index]
 
 
-async def test_the_command_line_rebuild_prints_its_progress(
-    settings: QueryServiceSettings,
-    database: AsyncDatabase[Document],
-    events: AbstractExchange,
-) -> None:
-    ledger = Ledger(events, seed=5)
-    await ledger.open_accounts(10)
-    await ledger.activity(40)
-    await projected(database, ledger)
-    env = {
-        **os.environ,
-        "CQRS_AMQP_URL": settings.amqp_url,
-        "CQRS_MONGO_URL": settings.mongo_url,
-        "CQRS_MONGO_DB": settings.mongo_db,
-        "CQRS_REBUILD_RETIRE_SECONDS": "0",
-        "CQRS_REBUILD_BATCH_SIZE": "20",
-        "CQRS_LOG_JSON": "true",
-    }
-
-    async with FakeReplayServer(settings.amqp_url, ledger.published, pause=0.01):
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "query_service.rebuild",
-            "accounts",
-            "owner_summaries",
-            cwd=REPO,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-
-    assert process.returncode == 0, stderr.decode()[-2000:]
-    lines = stdout.decode().splitlines()
-    assert any("events/s" in line and "/" in line for line in lines), lines
-    assert "switched (accounts, owner_summaries)" in lines[-1]
-    states = await build_catalog(database).registry.states()
-    assert states["accounts"].current == 2 and states["owner_summaries"].current == 2
-
-
 async def test_events_after_the_final_check_reach_the_new_generation_through_the_live_projector(
     settings: QueryServiceSettings,
     database: AsyncDatabase[Document],
@@ -440,7 +396,7 @@ async def test_events_after_the_final_check_reach_the_new_generation_through_the
 
     async with FakeReplayServer(settings.amqp_url, ledger.published):
         await SwitchLate(
-            build_catalog(database), AmqpReplaySource(connection), ["accounts"], policy=FAST
+            ledger_catalog(database), AmqpReplaySource(connection), ["accounts"], policy=FAST
         ).run()
 
     expected = await reference_snapshot(settings.mongo_url, ledger.published)
@@ -457,7 +413,7 @@ async def test_a_rebuild_replaces_owner_summaries_of_the_shape_before_the_upgrad
     # the owner summary as one document per owner with an account -> owner collection.
     ledger = Ledger(events, seed=7)
     owner, old = "upgraded", [uuid4() for _ in range(3)]
-    catalog = build_catalog(database)
+    catalog = ledger_catalog(database)
     for index, account in enumerate(old):
         for event in opened_account(account, owner_id=owner, deposit=100 * (index + 1)):
             ledger.versions[account] = event.version

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from command_service.adapters.event_store import NewEvent, PostgresEventStore, Snapshot
-from command_service.bootstrap import build_registry
-from command_service.domain.account import Account
-from command_service.domain.aggregate import Aggregate
-from command_service.domain.authorization import Actor
+from command_service.domains import ledger
+from command_service.domains.ledger.account import Account
+from command_service.model.aggregate import Aggregate
+from command_service.model.authorization import Actor
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.registry import CommandRegistry
 from command_service.service_layer.repository import AggregateRepository
@@ -22,11 +22,13 @@ from shared.messages import Command, Event
 
 pytestmark = pytest.mark.integration
 
+REGISTRY = CommandRegistry.from_domains([ledger.domain])
+
 
 async def deposit_many(
     store: PostgresEventStore, account: uuid.UUID, count: int, every: int
 ) -> None:
-    registry = build_registry()
+    registry = CommandRegistry.from_domains([ledger.domain])
     commands: list[Command] = [OpenAccount(owner_id="o", currency="EUR")]
     commands += [DepositMoney(amount=i + 1) for i in range(count)]
     for command in commands:
@@ -51,11 +53,9 @@ async def test_a_snapshot_is_taken_every_n_versions_and_loading_starts_from_it(
     assert (snapshot.version, snapshot.schema_version) == (10, Account.snapshot_schema)
     assert snapshot.state["balance"] == sum(range(1, 10))
 
-    repository = AggregateRepository(store, build_registry(), snapshot_every=5)
+    repository = AggregateRepository(store, REGISTRY, snapshot_every=5)
     loaded = await repository.load(Account, account)
-    replayed = await AggregateRepository(store, build_registry(), snapshot_every=0).load(
-        Account, account
-    )
+    replayed = await AggregateRepository(store, REGISTRY, snapshot_every=0).load(Account, account)
     assert isinstance(loaded, Account) and isinstance(replayed, Account)
     assert (loaded.version, loaded.balance) == (replayed.version, replayed.balance) == (12, 66)
 
@@ -73,7 +73,7 @@ async def test_loading_uses_the_snapshot_rather_than_the_events_before_it(
             account, "account", 6, snapshot.schema_version, {**snapshot.state, "balance": 1000}
         )
     )
-    loaded = await AggregateRepository(store, build_registry(), 5).load(Account, account)
+    loaded = await AggregateRepository(store, REGISTRY, 5).load(Account, account)
     assert isinstance(loaded, Account)
     assert (loaded.version, loaded.balance) == (6, 1000)
 
@@ -82,7 +82,7 @@ async def test_a_snapshot_of_an_older_state_shape_is_ignored(store: PostgresEven
     account = uuid.uuid4()
     await deposit_many(store, account, count=4, every=0)
     await store.save_snapshot(Snapshot(account, "account", 5, 0, {"shape": "old"}))
-    loaded = await AggregateRepository(store, build_registry(), 5).load(Account, account)
+    loaded = await AggregateRepository(store, REGISTRY, 5).load(Account, account)
     assert isinstance(loaded, Account)
     assert (loaded.version, loaded.balance) == (5, 10)
 

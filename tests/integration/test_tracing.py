@@ -16,9 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from command_service.adapters.event_store import NewEvent, PostgresEventStore
 from command_service.bootstrap import CommandService
 from query_service.bootstrap import QueryService, bootstrap
+from query_service.settings import QueryServiceSettings
 from shared.client import CommandClient
 from shared.ledger import ACCOUNT, AccountOpened, OpenAccount, RequestTransfer
-from shared.settings import QueryServiceSettings
 from tests.conftest import Services
 from tests.query_support import ACCOUNTS, eventually
 from tests.tracing_support import named, traced

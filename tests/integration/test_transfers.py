@@ -11,13 +11,16 @@ import asyncpg
 import pytest
 
 from command_service.adapters.event_store import PostgresEventStore
-from command_service.bootstrap import CommandService, build_registry, start
-from command_service.domain.account import Account
-from command_service.domain.authorization import Actor
-from command_service.domain.process import step_id
-from command_service.domain.transfer import Transfer, TransferProcess
+from command_service.bootstrap import CommandService, start
+from command_service.domains import ledger
+from command_service.domains.ledger.account import Account
+from command_service.domains.ledger.transfer import Transfer, TransferProcess
+from command_service.model.authorization import Actor
+from command_service.model.process import step_id
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.process_managers import ProcessManagerRunner
+from command_service.service_layer.registry import CommandRegistry
+from command_service.settings import CommandServiceSettings
 from shared.client import CommandClient, envelope_for
 from shared.ledger import (
     ACCOUNT,
@@ -27,7 +30,6 @@ from shared.ledger import (
     OpenAccount,
     RequestTransfer,
 )
-from shared.settings import CommandServiceSettings
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +38,7 @@ A = TypeVar("A", Account, Transfer)
 
 
 async def load(store: PostgresEventStore, cls: type[A], id_: uuid.UUID) -> A:
-    registry = build_registry()
+    registry = CommandRegistry.from_domains([ledger.domain])
     history = await store.load_stream(id_)
     return cls.rehydrate(
         id_, [registry.event_from_stored(e.type, e.schema_version, e.data) for e in history]
@@ -160,7 +162,7 @@ async def test_a_transfer_that_died_half_way_is_finished_after_restart(
     await service.stop()
 
     transfer_id = uuid.uuid4()
-    registry = build_registry()
+    registry = CommandRegistry.from_domains([ledger.domain])
     await handle_command(
         envelope_for(RequestTransfer(from_account_id=a, to_account_id=b, amount=25), transfer_id),
         store=store,
@@ -194,7 +196,7 @@ async def test_a_step_recorded_before_the_key_spaces_is_not_decided_again(
     """A transfer in flight across the upgrade: its debit was recorded in the one command log
     the older code kept (as migration 0005 leaves it, and as an older replica still writes it
     during a rolling update); the process manager runs the step again after the upgrade."""
-    registry = build_registry()
+    registry = CommandRegistry.from_domains([ledger.domain])
     handle = functools.partial(
         handle_command, store=store, registry=registry, concurrency_retries=3
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from command_service.domain.account import Account
+from command_service.domains.ledger.account import Account
 from command_service.testing import ScenarioFailedError, scenario
 from shared.ledger import (
     MAX_BALANCE,

@@ -9,7 +9,7 @@ from uuid import uuid4
 import pytest
 
 from query_service.adapters.mongo import VersionedCollection
-from query_service.projections.accounts import (
+from query_service.domains.ledger.accounts import (
     AccountsProjection,
     account_update,
     opened_account,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from shared.settings import QueryServiceSettings
+from query_service.settings import QueryServiceSettings
 
 TOKEN = "s3cret-token-for-tests"
 

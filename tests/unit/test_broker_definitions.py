@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 
 import yaml  # type: ignore[import-untyped]
 
+from command_service.settings import CommandServiceSettings
 from query_service.entrypoints.projector import MAX_BODY_BYTES
 from shared.amqp import TRUNCATED_BODY_BYTES
-from shared.settings import CommandServiceSettings
 
 ROOT = Path(__file__).parents[2]
 DEFINITIONS = ROOT / "scripts" / "docker" / "rabbitmq" / "definitions.json"
@@ -117,11 +117,11 @@ def test_compose_and_kubernetes_privilege_the_service_and_admin_users_only() -> 
         settings = CommandServiceSettings(
             authorization=env["CQRS_AUTHORIZATION"], privileged_users=env["CQRS_PRIVILEGED_USERS"]
         )
-        assert settings.authorization == "owner", where
+        assert settings.authorization == "on", where
         # Exactly the users that are no client: the command service's and the operators'.
         assert settings.privileged == {"cqrs-command", "cqrs-admin"}, where
         assert settings.privileged < set(users), where
     # Both say what the default says, so that leaving the keys out changes nothing.
     default = CommandServiceSettings()
-    assert default.authorization == "owner"
+    assert default.authorization == "on"
     assert default.privileged == {"cqrs-command", "cqrs-admin"}

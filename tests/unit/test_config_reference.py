@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared import config_reference
-from shared.settings import CliSettings, CommandServiceSettings, QueryServiceSettings
+from command_service.settings import CommandServiceSettings
+from cqrs_cli.settings import CliSettings
+from query_service.settings import QueryServiceSettings
+from tests import settings_reference as config_reference
 
 README = Path(__file__).parents[2] / "README.md"
 
@@ -13,7 +15,7 @@ README = Path(__file__).parents[2] / "README.md"
 def test_the_readme_lists_every_setting_as_the_models_define_it() -> None:
     text = README.read_text(encoding="utf-8")
     assert config_reference.replace_in(text) == text, (
-        "README settings table is stale: python -m shared.config_reference --write README.md"
+        "README settings table is stale: python -m tests.settings_reference --write README.md"
     )
 
 

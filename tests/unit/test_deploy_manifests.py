@@ -24,7 +24,9 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from shared.settings import CommandServiceSettings, CommonSettings, QueryServiceSettings
+from command_service.settings import CommandServiceSettings
+from cqrs_runtime.settings import CommonSettings
+from query_service.settings import QueryServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

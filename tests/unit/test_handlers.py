@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from command_service.bootstrap import build_registry
-from command_service.domain.authorization import Actor
+from command_service.domains import ledger
+from command_service.model.authorization import Actor
 from command_service.service_layer.handlers import handle_command
-from command_service.service_layer.registry import UnknownCommandError
+from command_service.service_layer.registry import CommandRegistry, UnknownCommandError
 from shared.client import envelope_for
 from shared.ledger import (
     DebitForTransfer,
@@ -31,7 +31,7 @@ async def run(
         envelope,
         store=store,
         actor=Actor.anonymous(),
-        registry=build_registry(),
+        registry=CommandRegistry.from_domains([ledger.domain]),
         concurrency_retries=retries,
         internal=internal,
     )

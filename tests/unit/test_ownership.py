@@ -10,12 +10,15 @@ import uuid
 
 import pytest
 
-from command_service.bootstrap import build_policy, build_registry
-from command_service.domain.account import Account
-from command_service.domain.aggregate import Aggregate, DomainError
-from command_service.domain.authorization import Actor, AggregateLoader, Forbidden
-from command_service.domain.ownership import OwnerPolicy
+from command_service.bootstrap import build_policy
+from command_service.domains import ledger
+from command_service.domains.ledger.account import Account
+from command_service.model.aggregate import Aggregate, DomainError
+from command_service.model.authorization import Actor, AggregateLoader, Forbidden
+from command_service.service_layer.authorization import authorization
 from command_service.service_layer.handlers import handle_command
+from command_service.service_layer.registry import CommandRegistry
+from command_service.settings import CommandServiceSettings
 from shared.client import envelope_for
 from shared.ledger import (
     CloseAccount,
@@ -28,11 +31,10 @@ from shared.ledger import (
     WithdrawMoney,
 )
 from shared.messages import Command, CommandEnvelope, CommandMetadata, Reply
-from shared.settings import CommandServiceSettings
 from tests.unit.fakes import FakeEventStore
 
 ALICE, BOB, ADMIN = Actor.user("alice"), Actor.user("bob"), Actor.user("cqrs-admin")
-POLICY = OwnerPolicy({"cqrs-admin"})
+POLICY = authorization([ledger.domain], privileged={"cqrs-admin"})
 
 
 async def run(
@@ -46,7 +48,7 @@ async def run(
         envelope,
         store=store,
         actor=actor,
-        registry=build_registry(),
+        registry=CommandRegistry.from_domains([ledger.domain]),
         concurrency_retries=1,
         internal=internal,
         authorize=POLICY,
@@ -204,7 +206,7 @@ async def test_the_policy_sees_the_loaded_aggregate_before_it_decides(
         envelope_for(WithdrawMoney(amount=1_000), account),
         store=store,
         actor=BOB,
-        registry=build_registry(),
+        registry=CommandRegistry.from_domains([ledger.domain]),
         concurrency_retries=0,
         authorize=refuse_with_a_code_of_its_own,
     )
@@ -214,13 +216,11 @@ async def test_the_policy_sees_the_loaded_aggregate_before_it_decides(
 
 
 def test_the_setting_chooses_the_policy() -> None:
-    assert build_policy(CommandServiceSettings(authorization="off")) is None
-    policy = build_policy(CommandServiceSettings(privileged_users=" ops , cqrs-admin,, "))
-    assert isinstance(policy, OwnerPolicy)
-    assert policy.privileged == {"ops", "cqrs-admin"}
-    default = build_policy(CommandServiceSettings())
-    assert isinstance(default, OwnerPolicy)
-    assert default.privileged == {"cqrs-command", "cqrs-admin"}
+    assert build_policy(CommandServiceSettings(authorization="off"), [ledger.domain]) is None
+    assert build_policy(CommandServiceSettings(), [ledger.domain]) is not None
+    listed = CommandServiceSettings(privileged_users=" ops , cqrs-admin,, ")
+    assert listed.privileged == {"ops", "cqrs-admin"}
+    assert CommandServiceSettings().privileged == {"cqrs-command", "cqrs-admin"}
 
 
 def test_forbidden_is_a_domain_error_with_its_code() -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from command_service.settings import CommandServiceSettings
 from query_service.entrypoints.projector import MAX_BODY_BYTES
-from shared.settings import CommandServiceSettings, QueryServiceSettings
+from query_service.settings import QueryServiceSettings
 
 
 def test_a_dead_letter_byte_bound_below_the_command_limit_is_refused() -> None:

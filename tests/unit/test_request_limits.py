@@ -11,9 +11,9 @@ import pytest
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from query_service.entrypoints.http import create_app
-from query_service.entrypoints.limits import BodyLimit, InFlightLimit, RequestTimeout
-from shared.settings import QueryServiceSettings
+from query_service.entrypoints.api.app import create_app
+from query_service.entrypoints.api.limits import BodyLimit, InFlightLimit, RequestTimeout
+from query_service.settings import QueryServiceSettings
 
 
 def slow_app(seconds: float) -> tuple[FastAPI, list[str]]:

@@ -6,7 +6,7 @@ import asyncio
 
 import structlog
 
-from shared.supervision import Backoff, Failure, Supervisor, mark_healthy
+from cqrs_runtime.supervision import Backoff, Failure, Supervisor, mark_healthy
 
 FAST = Backoff(initial=0.01, maximum=0.05)
 

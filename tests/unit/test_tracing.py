@@ -24,14 +24,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from command_service.adapters.broker import event_message
 from command_service.adapters.event_store import StoredEvent
-from command_service.bootstrap import build_registry
-from command_service.domain.authorization import Actor
+from command_service.domains import ledger
+from command_service.model.authorization import Actor
 from command_service.service_layer.handlers import handle_command
-from shared import tracing
+from command_service.service_layer.registry import CommandRegistry
+from cqrs_runtime import tracing
+from cqrs_runtime.settings import CommonSettings
 from shared.client import CommandClient, envelope_for
 from shared.ledger import OpenAccount
 from shared.messages import EventEnvelope
-from shared.settings import CommonSettings
 from shared.topology import AGGREGATE_ID_HEADER
 from tests.tracing_support import named, traced
 from tests.unit.fakes import FakeEventStore
@@ -76,7 +77,7 @@ async def open_account(store: FakeEventStore) -> None:
         envelope,
         store=store,
         actor=Actor.anonymous(),
-        registry=build_registry(),
+        registry=CommandRegistry.from_domains([ledger.domain]),
         concurrency_retries=0,
     )
     assert reply.status == "accepted"
@@ -158,8 +159,8 @@ class TestTracingOff:
 
             sys.meta_path.insert(0, Missing())
             import command_service.bootstrap, query_service.bootstrap
-            from shared import tracing
-            from shared.settings import CommonSettings
+            from cqrs_runtime import tracing
+            from cqrs_runtime.settings import CommonSettings
 
             assert tracing.configure_tracing("x", CommonSettings(tracing_enabled=True)) is False
             headers = {}

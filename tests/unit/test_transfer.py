@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from command_service.domain.account import Account
-from command_service.domain.process import IssuedCommand
-from command_service.domain.transfer import Transfer, TransferProcess
+from command_service.domains.ledger.account import Account
+from command_service.domains.ledger.transfer import Transfer, TransferProcess
+from command_service.model.process import IssuedCommand
 from command_service.testing import scenario
 from shared.ledger import (
     MAX_BALANCE,

@@ -1,0 +1,1 @@
+"""The domains shipped with the command service, each a package exposing `domain`."""

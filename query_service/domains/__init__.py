@@ -1,0 +1,1 @@
+"""The domains shipped with the query service, each a package exposing `domain`."""
