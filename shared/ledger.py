@@ -11,6 +11,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
+from shared.contracts import DomainContracts
 from shared.messages import Command, Event
 
 ACCOUNT = "account"
@@ -243,3 +244,6 @@ EVENTS: tuple[type[Event], ...] = (
     TransferCompleted,
     TransferFailed,
 )
+
+# What clients may send (the transfer steps stay internal) and see.
+contracts = DomainContracts(name="ledger", commands=COMMANDS, events=EVENTS)
