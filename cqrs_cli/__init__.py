@@ -17,19 +17,26 @@ import logging
 
 import typer
 
-from cqrs_cli import dlq, get, load, rebuild, send, status
+from cqrs_cli import (
+    dlq_command,
+    get_command,
+    load_command,
+    rebuild_command,
+    send_command,
+    status_command,
+)
 
 app = typer.Typer(
     help="Send commands, read models, watch and operate the CQRS pair.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-app.command()(send.send)
-app.add_typer(get.app, name="get")
-app.command()(status.status)
-app.command()(rebuild.rebuild)
-app.add_typer(dlq.app, name="dlq")
-app.command()(load.load)
+app.command()(send_command.send)
+app.add_typer(get_command.app, name="get")
+app.command()(status_command.status)
+app.command()(rebuild_command.rebuild)
+app.add_typer(dlq_command.app, name="dlq")
+app.command()(load_command.load)
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from command_service.domains.ledger.account import Account
 from command_service.domains.ledger.transfer import Transfer
 from command_service.service_layer.registry import CommandRegistry
 from command_service.settings import CommandServiceSettings
-from cqrs_cli.dlq import list_dead_letters, replay_dead_letters
+from cqrs_cli.dlq_command import list_dead_letters, replay_dead_letters
 from shared import topology
 from shared.client import BrokerRefusedError, CommandClient, envelope_for
 from shared.ledger import (

@@ -16,7 +16,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, HeadersType
 
 from command_service.bootstrap import CommandService
-from cqrs_cli.dlq import list_dead_letters, replay_dead_letters
+from cqrs_cli.dlq_command import list_dead_letters, replay_dead_letters
 from shared import topology
 from shared.amqp import ORIGINAL_SHA256_HEADER, ORIGINAL_SIZE_HEADER, TRUNCATED_BODY_BYTES
 from shared.messages import Reply
