@@ -31,7 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-app.command()(send_command.send)
+app.command(cls=send_command.SendCommandHelp)(send_command.send)
 app.add_typer(get_command.app, name="get")
 app.command()(status_command.status)
 app.command()(rebuild_command.rebuild)

@@ -1,37 +1,119 @@
-"""`cqrs send`: publish a command and show the reply.
+"""`cqrs send`: publish a command of one of the configured domains and show the reply.
 
 cqrs send OpenAccount owner_id=alice currency=EUR initial_deposit=1000
 cqrs send DepositMoney --id <account-id> amount=250 --json
+
+The command types, the aggregate type each targets and their fields come from the contracts of
+the domains `CQRS_DOMAINS` names (`shared.contracts`); a value is read as the field's type
+wants it: as it stands for a string field, as JSON otherwise (a bare word is a string).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from functools import cache
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from typer.core import TyperCommand
 
-from cqrs_cli.common import EXIT_ERROR, EXIT_UNREACHABLE, AmqpOption, JsonOption, amqp_url, out
+from cqrs_cli.common import (
+    EXIT_ERROR,
+    EXIT_UNREACHABLE,
+    AmqpOption,
+    JsonOption,
+    amqp_url,
+    fail,
+    out,
+    settings,
+)
 from cqrs_cli.common import err as err_console
 from cqrs_cli.common import run as run_async
 from shared.client import CommandClient, CommandServiceUnavailableError, CommandTimeoutError
-from shared.ledger import COMMANDS
-from shared.messages import CommandEnvelope, CommandMetadata
+from shared.contracts import ContractsError, command_types, load_contracts
+from shared.messages import Command, CommandEnvelope, CommandMetadata
 
-AGGREGATE_TYPES = {command.type_name(): command.aggregate_type for command in COMMANDS}
 STATUS_STYLES = {"accepted": "green", "duplicate": "yellow", "rejected": "red", "sent": "cyan"}
 
 
-def _parse_fields(pairs: list[str]) -> dict[str, Any]:
+@cache
+def known_commands() -> dict[str, type[Command]]:
+    """The command types of the configured domains; a domain that cannot be loaded, or two
+    that name one command type, end the tool with the reason."""
+    try:
+        return command_types(load_contracts(settings().domain_names))
+    except ContractsError as e:
+        fail(f"CQRS_DOMAINS={settings().domains}: {e}")
+
+
+def describe_commands(commands: dict[str, type[Command]]) -> list[str]:
+    """One line per command: its type, the aggregate type it targets, its fields (`?` marks an
+    optional one)."""
+    lines = []
+    for name, model in commands.items():
+        fields = ", ".join(
+            key if info.is_required() else f"{key}?" for key, info in model.model_fields.items()
+        )
+        lines.append(f"{name} ({model.aggregate_type}): {fields or '-'}")
+    return lines
+
+
+class SendCommandHelp(TyperCommand):
+    """`cqrs send --help` ends with the commands of the configured domains."""
+
+    # Typed loosely: typer's click types are its own private copy's.
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        try:
+            lines = describe_commands(command_types(load_contracts(settings().domain_names)))
+            known = f"Commands of the domains {settings().domains}:"
+        except ContractsError as e:
+            lines, known = [str(e)], f"The domains {settings().domains} cannot be loaded:"
+        self.epilog = escape(known) + "\n\n" + "\n".join(escape(line) for line in lines)
+        super().format_help(ctx, formatter)
+
+
+def _json_types(schema: dict[str, Any], definitions: dict[str, Any]) -> set[str]:
+    """The JSON types a field's schema admits (`string`, `integer`, ...; `any` when open)."""
+    if "$ref" in schema:
+        return _json_types(definitions.get(schema["$ref"].rsplit("/", 1)[-1], {}), definitions)
+    if "anyOf" in schema or "oneOf" in schema:
+        return set().union(
+            *(
+                _json_types(option, definitions)
+                for option in schema.get("anyOf", schema.get("oneOf", []))
+            )
+        )
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return set(kind)
+    if isinstance(kind, str):
+        return {kind}
+    return (
+        {"string"}
+        if "enum" in schema and all(isinstance(v, str) for v in schema["enum"])
+        else {"any"}
+    )
+
+
+def parse_fields(pairs: list[str], model: type[Command] | None) -> dict[str, Any]:
+    """`key=value` pairs as the payload: a value for a field that takes only a string (or
+    null) is that string as written (`owner_id=007`); any other is JSON, or a string when it
+    is not JSON."""
+    schema = model.model_json_schema() if model is not None else {}
+    properties: dict[str, Any] = schema.get("properties", {})
+    definitions: dict[str, Any] = schema.get("$defs", {})
     fields: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"expected key=value, got {pair!r}")
+        if key in properties and _json_types(properties[key], definitions) <= {"string", "null"}:
+            fields[key] = raw
+            continue
         try:
             fields[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -40,14 +122,20 @@ def _parse_fields(pairs: list[str]) -> dict[str, Any]:
 
 
 def send(
-    command_type: Annotated[str, typer.Argument(help="e.g. OpenAccount, DepositMoney")],
+    command_type: Annotated[
+        str, typer.Argument(help="a command type of the configured domains (listed below)")
+    ],
     fields: Annotated[list[str] | None, typer.Argument(help="payload fields as key=value")] = None,
     aggregate_id: Annotated[
         str | None, typer.Option("--id", help="aggregate id (a new one when omitted)")
     ] = None,
     expected_version: Annotated[int | None, typer.Option(help="optimistic concurrency")] = None,
     aggregate_type: Annotated[
-        str | None, typer.Option(help="for command types the ledger does not define")
+        str | None,
+        typer.Option(
+            help="send a command type the configured domains do not define, to this aggregate "
+            "type (its fields are read as JSON)"
+        ),
     ] = None,
     wait: Annotated[bool, typer.Option(help="wait for the reply")] = True,
     timeout: Annotated[
@@ -58,13 +146,18 @@ def send(
 ) -> None:
     """Publish a command and show the reply.
 
-    Exit 0: accepted (or a duplicate); 1: rejected, or refused by the broker; 2: no reply in
-    time, no command service, or the broker unavailable (also when it does not come back
-    within --timeout).
+    Exit 0: accepted (or a duplicate); 1: rejected, refused by the broker, or a command type
+    the configured domains (`CQRS_DOMAINS`) do not define; 2: no reply in time, no command
+    service, or the broker unavailable (also when it does not come back within --timeout).
     """
-    target = aggregate_type or AGGREGATE_TYPES.get(command_type)
-    if target is None:
-        raise typer.BadParameter(f"unknown command type {command_type!r}; pass --aggregate-type")
+    model = None if aggregate_type is not None else known_commands().get(command_type)
+    if model is None and aggregate_type is None:
+        fail(
+            f"unknown command type {command_type!r}; the domains {settings().domains} define:\n  "
+            + "\n  ".join(describe_commands(known_commands()))
+            + "\n(--aggregate-type sends a type they do not define)"
+        )
+    target = model.aggregate_type if model is not None else str(aggregate_type)
     try:
         aggregate = uuid.UUID(aggregate_id) if aggregate_id else uuid.uuid4()
     except ValueError as e:
@@ -73,7 +166,7 @@ def send(
         type=command_type,
         aggregate_id=aggregate,
         expected_version=expected_version,
-        payload=_parse_fields(fields or []),
+        payload=parse_fields(fields or [], model),
         metadata=CommandMetadata(user="cli"),
     )
     exit_code = run_async(
