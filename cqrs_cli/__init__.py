@@ -1,7 +1,8 @@
 """`cqrs`: the project's command-line tool.
 
     cqrs send OpenAccount owner_id=alice currency=EUR initial_deposit=1000
-    cqrs get account|accounts|transactions|owner|transfer ...
+    cqrs get                       # the query API's routes
+    cqrs get account <id> min_version=3
     cqrs status [--watch 2]
     cqrs rebuild accounts
     cqrs dlq list | cqrs dlq replay --id <command id>
@@ -32,7 +33,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.command(cls=send_command.SendCommandHelp)(send_command.send)
-app.add_typer(get_command.app, name="get")
+app.command()(get_command.get)
 app.command()(status_command.status)
 app.command()(rebuild_command.rebuild)
 app.add_typer(dlq_command.app, name="dlq")

@@ -1,11 +1,19 @@
-"""`cqrs get …`: read models from the query service, as tables or as JSON.
+"""`cqrs get <route> [path values...] [name=value ...]`: any GET route of the query API.
 
-Exit 0: found; 1: not found or refused (the API's reason on stderr); 2: the API does not answer.
+The routes come from the API's OpenAPI document (`cqrs_cli.openapi_routes`), so a domain's
+routes work without edits here. Path values are given in order, query parameters as
+`name=value`; `cqrs get` alone lists the routes. The answer is a table (an object's fields as
+rows, each list of objects as a table of its own) or, with `--json`, the JSON as it came.
+
+Exit 0: found; 1: not found, refused or an unknown route or parameter (the reason on stderr);
+2: the API does not answer.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 from rich.markup import escape
@@ -17,230 +25,187 @@ from cqrs_cli.common import (
     JsonOption,
     QueryUrlOption,
     expect_ok,
+    fail,
     http_get,
-    money,
     out,
     print_json,
     query_url,
 )
+from cqrs_cli.openapi_routes import Route, get_routes, routes_named
 
-app = typer.Typer(help="Read models from the query service.", no_args_is_help=True)
-
-STATUS_STYLES = {
-    "open": "green",
-    "frozen": "cyan",
-    "closed": "dim",
-    "pending": "yellow",
-    "completed": "green",
-    "failed": "red",
-}
-
-MinVersion = Annotated[
-    int | None, typer.Option(help="wait until the read model reflects this version")
-]
-Limit = Annotated[int, typer.Option(min=1, max=200, help="page size")]
-Cursor = Annotated[str | None, typer.Option(help="next_cursor of the previous page")]
+# Pages of every list route answer with it: pass it back as `cursor=`.
+NEXT_CURSOR = "next_cursor"
+# Columns keep at least this much of a value (a UUID) before the table wraps them.
+MIN_COLUMN_WIDTH = 36
 
 
-def _status(value: str) -> Text:
-    return Text(value, style=STATUS_STYLES.get(value, "white"))
-
-
-def _fields(title: str, rows: list[tuple[str, Any]]) -> Panel:
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    for name, value in rows:
-        grid.add_row(
-            name, value if isinstance(value, Text) else Text("-" if value is None else str(value))
-        )
-    return Panel(grid, title=escape(title), expand=False)
-
-
-def _next_page(body: dict[str, Any]) -> None:
-    if body.get("next_cursor"):
-        out().print(Text(f"more: --cursor {body['next_cursor']}", style="dim"))
-
-
-@app.command("account")
-def get_account(
-    account_id: str,
-    min_version: MinVersion = None,
-    as_json: JsonOption = False,
-    url: QueryUrlOption = None,
-) -> None:
-    """One account: owner, currency, balance, status and version."""
-    base = query_url(url)
-    body = expect_ok(
-        http_get(base, f"/accounts/{account_id}", {"min_version": min_version}),
-        f"account {account_id}",
-    )
-    if as_json:
-        print_json(body)
-        return
-    out().print(
-        _fields(
-            f"account {body['id']}",
-            [
-                ("owner", body["owner_id"]),
-                ("balance", money(body["balance"], body["currency"])),
-                ("status", _status(body["status"])),
-                ("version", body["version"]),
-                ("last position", body.get("last_position")),
-                ("opened", body.get("opened_at")),
-                ("updated", body.get("updated_at")),
-            ],
-        )
-    )
-
-
-@app.command("accounts")
-def get_accounts(
-    owner: Annotated[str | None, typer.Option(help="only this owner's")] = None,
-    status: Annotated[str | None, typer.Option(help="open, frozen or closed")] = None,
-    currency: Annotated[str | None, typer.Option(help="ISO code, e.g. EUR")] = None,
-    limit: Limit = 50,
-    cursor: Cursor = None,
-    as_json: JsonOption = False,
-    url: QueryUrlOption = None,
-) -> None:
-    """Accounts in id order, filtered by owner, status and currency, one page at a time."""
-    params = {
-        "owner_id": owner,
-        "status": status,
-        "currency": currency,
-        "limit": limit,
-        "cursor": cursor,
-    }
-    body = expect_ok(http_get(query_url(url), "/accounts", params), "accounts")
-    if as_json:
-        print_json(body)
-        return
-    table = Table(title="accounts")
-    for column in ("id", "owner", "balance", "status", "version"):
-        table.add_column(column, justify="right" if column in ("balance", "version") else "left")
-    for item in body["items"]:
-        table.add_row(
-            item["id"],
-            escape(item["owner_id"]),
-            money(item["balance"], item["currency"]),
-            _status(item["status"]),
-            str(item["version"]),
-        )
-    out().print(table)
-    _next_page(body)
-
-
-@app.command("transactions")
-def get_transactions(
-    account_id: str,
-    limit: Limit = 50,
-    cursor: Cursor = None,
-    min_version: MinVersion = None,
-    as_json: JsonOption = False,
-    url: QueryUrlOption = None,
-) -> None:
-    """An account's deposits, withdrawals and transfer legs, newest first."""
-    params = {"limit": limit, "cursor": cursor, "min_version": min_version}
-    body = expect_ok(
-        http_get(query_url(url), f"/accounts/{account_id}/transactions", params),
-        f"transactions of account {account_id}",
-    )
-    if as_json:
-        print_json(body)
-        return
-    table = Table(title=f"transactions of {body['account_id']} (version {body['version']})")
-    for column in ("version", "kind", "amount", "balance after", "recorded", "detail"):
-        right = column in ("version", "amount", "balance after")
-        table.add_column(column, justify="right" if right else "left")
-    for item in body["items"]:
-        detail = " ".join(
-            f"{key}={item[key]}"
-            for key in ("transfer_id", "counterparty_account_id", "code", "reason")
-            if item.get(key)
-        )
-        amount = int(item["amount"])
-        table.add_row(
-            str(item["version"]),
-            item["kind"],
-            f"[{'green' if amount >= 0 else 'red'}]{amount:+,}[/]",
-            money(item["balance_after"]),
-            str(item["recorded_at"]),
-            escape(detail),
-        )
-    out().print(table)
-    _next_page(body)
-
-
-@app.command("owner")
-def get_owner(
-    owner_id: str,
-    limit: Limit = 50,
-    cursor: Cursor = None,
-    account: Annotated[
-        str | None, typer.Option(help="with --min-version: the account it refers to")
+def get(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="a route of the query API; none: list them", show_default=False),
     ] = None,
-    min_version: MinVersion = None,
+    values: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="the route's path values in order, then its query parameters as name=value",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOption = False,
     url: QueryUrlOption = None,
 ) -> None:
-    """An owner's total balance per currency and its accounts, one page at a time."""
-    params = {"limit": limit, "cursor": cursor, "account_id": account, "min_version": min_version}
-    body = expect_ok(
-        http_get(query_url(url), f"/owners/{owner_id}/summary", params), f"owner {owner_id}"
-    )
+    """Read from the query service: any GET route of its API, as a table or as JSON.
+
+    `cqrs get` lists the routes and their parameters, e.g.
+    `cqrs get account <id> min_version=3`, `cqrs get accounts owner_id=alice limit=10`.
+    """
+    base = query_url(url)
+    document = expect_ok(http_get(base, "/openapi.json"), "the query API's OpenAPI document")
+    routes = get_routes(document)
+    if name is None:
+        show_routes(routes, as_json=as_json)
+        return
+    route = _route_named(name, routes)
+    path, params, path_values = _request(route, values or [])
+    what = " ".join([name, *path_values])
+    body = expect_ok(http_get(base, path, params), what)
     if as_json:
         print_json(body)
-        return
-    totals = Table(title=escape(f"owner {body['owner_id']}: totals"))
-    for column in ("currency", "balance", "accounts"):
-        totals.add_column(column, justify="left" if column == "currency" else "right")
-    for total in body["totals"]:
-        totals.add_row(total["currency"], money(total["balance"]), str(total["accounts"]))
-    count = sum(int(total["accounts"]) for total in body["totals"])
-    accounts = Table(title=f"accounts ({len(body['accounts'])} of {count:,})")
-    for column in ("id", "balance", "status", "version"):
-        accounts.add_column(column, justify="right" if column in ("balance", "version") else "left")
-    for item in body["accounts"]:
-        accounts.add_row(
-            item["id"],
-            money(item["balance"], item["currency"]),
-            _status(item["status"]),
-            str(item["version"]),
+    else:
+        show(body, title=what)
+
+
+def _route_named(name: str, routes: list[Route]) -> Route:
+    found = routes_named(name, routes)
+    if not found:
+        fail(f"no route {name!r}; the query API has: " + ", ".join(r.name for r in routes))
+    if len(found) > 1:
+        fail(f"{len(found)} routes are named {name!r}: " + ", ".join(r.path for r in found))
+    return found[0]
+
+
+def _request(route: Route, values: list[str]) -> tuple[str, dict[str, str | list[str]], list[str]]:
+    """The path with its values filled in, the query parameters, and the path values."""
+    known = {p.name for p in route.query_parameters}
+    params: dict[str, str | list[str]] = {}
+    positional: list[str] = []
+    for value in values:
+        key, sep, given = value.partition("=")
+        if sep and key in known:
+            previous = params.get(key)
+            if previous is None:
+                params[key] = given
+            else:  # named twice: an array parameter
+                params[key] = [*([previous] if isinstance(previous, str) else previous), given]
+        else:
+            positional.append(value)
+    expected = route.path_parameters
+    if len(positional) != len(expected):
+        extra = positional[len(expected) :]
+        reason = (
+            f"{len(expected)} path value(s) expected, {len(positional)} given"
+            if not extra or "=" not in extra[0]
+            else f"no query parameter {extra[0].partition('=')[0]!r}"
         )
-    out().print(totals)
-    out().print(accounts)
-    _next_page(body)
+        fail(f"{reason}; usage: cqrs get {route.usage}")
+    path = route.path
+    for parameter, value in zip(expected, positional, strict=True):
+        path = path.replace("{" + parameter.name + "}", quote(value, safe=""))
+    return path, params, positional
 
 
-@app.command("transfer")
-def get_transfer(
-    transfer_id: str,
-    min_version: MinVersion = None,
-    as_json: JsonOption = False,
-    url: QueryUrlOption = None,
-) -> None:
-    """A transfer's status: pending, completed or failed (with the reason)."""
-    body = expect_ok(
-        http_get(query_url(url), f"/transfers/{transfer_id}", {"min_version": min_version}),
-        f"transfer {transfer_id}",
-    )
+def show_routes(routes: list[Route], *, as_json: bool) -> None:
     if as_json:
+        print_json([route.as_dict() for route in routes])
+        return
+    table = Table(title="routes of the query API: cqrs get <route> [path values] [name=value]")
+    for column in ("route", "path", "parameters", "what"):
+        table.add_column(column)
+    for route in routes:
+        parameters = [f"<{p.name}>" for p in route.path_parameters]
+        parameters += [p.hint + ("" if p.required else "?") for p in route.query_parameters]
+        table.add_row(
+            Text(route.name, style="bold"),
+            Text(route.path),
+            Text(" ".join(parameters)),
+            Text(route.summary),
+        )
+    out().print(table)
+
+
+def show(body: Any, *, title: str) -> None:
+    """An answer as tables: an object's scalar fields as rows (nested objects flattened as
+    `a.b`), each of its lists of objects as a table; a list of objects as one table."""
+    if isinstance(body, list):
+        out().print(_table(title, body))
+        return
+    if not isinstance(body, dict):
         print_json(body)
         return
-    failure = body.get("failure")
-    out().print(
-        _fields(
-            f"transfer {body['id']}",
-            [
-                ("status", _status(body["status"])),
-                ("from", body["from_account_id"]),
-                ("to", body["to_account_id"]),
-                ("amount", money(body["amount"])),
-                ("failure", f"{failure['code']}: {failure['reason']}" if failure else None),
-                ("version", body["version"]),
-                ("requested", body.get("requested_at")),
-                ("updated", body.get("updated_at")),
-            ],
+    rows: list[tuple[str, Any]] = []
+    tables: list[Table] = []
+    for key, value in body.items():
+        if key == NEXT_CURSOR:
+            continue
+        if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+            tables.append(_table(key, value))
+        else:
+            rows.extend(_flat(key, value))
+    if rows:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column()
+        for key, value in rows:
+            grid.add_row(Text(key), _cell(value))
+        out().print(Panel(grid, title=escape(title), expand=False))
+    for table in tables:
+        out().print(table)
+    if body.get(NEXT_CURSOR):
+        out().print(
+            Text(f"more: {NEXT_CURSOR.removeprefix('next_')}={body[NEXT_CURSOR]}", style="dim")
         )
-    )
+
+
+def _flat(key: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, dict) and value:
+        return [row for k, v in value.items() for row in _flat(f"{key}.{k}", v)]
+    return [(key, value)]
+
+
+def _table(title: str, items: list[Any]) -> Table:
+    rows = [dict(_flat_item(item)) for item in items]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    table = Table(title=escape(f"{title} ({len(items)})"))
+    for column in columns:
+        widest = max((len(_text(row.get(column))) for row in rows), default=0)
+        numeric = all(isinstance(row.get(column), int | float | type(None)) for row in rows)
+        table.add_column(
+            column,
+            justify="right" if numeric else "left",
+            min_width=min(widest, MIN_COLUMN_WIDTH),
+        )
+    for row in rows:
+        table.add_row(*(_cell(row.get(column)) for column in columns))
+    return table
+
+
+def _flat_item(item: Any) -> list[tuple[str, Any]]:
+    if isinstance(item, dict):
+        return [row for key, value in item.items() for row in _flat(key, value)]
+    return [("value", item)]
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    if value == []:
+        return "(none)"
+    return json.dumps(value, default=str)
+
+
+def _cell(value: Any) -> Text:
+    return Text(_text(value))

@@ -45,7 +45,10 @@ STATE_TEXT = {
 def rebuild(
     read_models: Annotated[
         list[str] | None,
-        typer.Argument(help="accounts, transactions, owner_summaries, transfers"),
+        typer.Argument(
+            help="read models by name (none named: the query service's are listed)",
+            show_default=False,
+        ),
     ] = None,
     all_models: Annotated[bool, typer.Option("--all", help="rebuild every read model")] = False,
     interval: Annotated[float, typer.Option(min=0.05, help="seconds between polls")] = 0.5,
@@ -57,15 +60,23 @@ def rebuild(
 ) -> None:
     """Rebuild read models from a replay of the event store, without stopping queries.
 
-    Shows events done / total, rate and ETA while it runs. Exit 0: done; 1: failed (the
-    current generation is untouched) or refused; 2: the query service does not answer.
+    The read models are those of the domains the query service runs (`GET /admin/read-models`;
+    `cqrs rebuild` alone names them). Shows events done / total, rate and ETA while it runs.
+    Exit 0: done; 1: failed (the current generation is untouched), refused, or no or unknown
+    read models named; 2: the query service does not answer.
     """
     base = query_url(url)
-    if all_models:
+    if all_models or not read_models:
         listed = expect_ok(http_get(base, "/admin/read-models"), "read models")
-        read_models = [str(model["name"]) for model in listed]
-    if not read_models:
-        raise typer.BadParameter("name at least one read model, or pass --all")
+        known = [str(model["name"]) for model in listed]
+        if not read_models and not all_models:
+            fail(
+                "name at least one read model, or pass --all; the query service has: "
+                + (", ".join(known) or "none")
+            )
+        if not known:
+            fail("the query service has no read models")
+        read_models = known
     try:
         response = httpx.post(
             f"{base}/admin/rebuilds",

@@ -41,9 +41,16 @@ def quick_rebuilds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CQRS_REBUILD_RETIRE_SECONDS", "0.2")
 
 
-async def cqrs(pair: Pair, *args: str, command_url: str | None = None, timeout: float = 60) -> Run:
+async def cqrs(
+    pair: Pair,
+    *args: str,
+    command_url: str | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+) -> Run:
     env = {
         **os.environ,
+        **(env or {}),
         "CQRS_AMQP_URL": pair.amqp_url,
         "CQRS_QUERY_URL": pair.api,
         # Nothing listens there unless a test says otherwise.
@@ -79,7 +86,7 @@ async def test_send_and_get_round_trip(pair: Pair) -> None:
     assert refused.code == 1
     assert "rejected" in refused.stdout and "insufficient_funds" in refused.stdout
 
-    got = await cqrs(pair, "get", "account", account, "--min-version", "3", "--json")
+    got = await cqrs(pair, "get", "account", account, "min_version=3", "--json")
     assert got.code == 0, got.stderr
     document = got.json()
     assert (document["id"], document["balance"], document["version"]) == (account, 1250, 3)
@@ -87,9 +94,12 @@ async def test_send_and_get_round_trip(pair: Pair) -> None:
 
     pretty = await cqrs(pair, "get", "account", account)
     assert pretty.code == 0
-    assert "1,250 EUR" in pretty.stdout and "cli-alice" in pretty.stdout
+    assert f"account {account}" in pretty.stdout  # the title: the route and its path value
+    assert row(pretty.stdout, "balance") == ["balance", "1250"]
+    assert row(pretty.stdout, "currency") == ["currency", "EUR"]
+    assert row(pretty.stdout, "owner_id") == ["owner_id", "cli-alice"]
 
-    history = await cqrs(pair, "get", "transactions", account, "--min-version", "3", "--json")
+    history = await cqrs(pair, "get", "transactions", account, "min_version=3", "--json")
     assert [item["amount"] for item in history.json()["items"]] == [250, 1000]
     owner = await cqrs(pair, "get", "owner", "cli-alice", "--json")
     assert owner.json()["totals"] == [{"currency": "EUR", "balance": 1250, "accounts": 1}]
@@ -97,29 +107,103 @@ async def test_send_and_get_round_trip(pair: Pair) -> None:
     assert second.code == 0, second.stderr
     other = second.json()["aggregate_id"]
     first_page = await cqrs(
-        pair, "get", "owner", "cli-alice", "--limit", "1", "--account", other,
-        "--min-version", "1",
+        pair, "get", "owner", "cli-alice", "limit=1", f"account_id={other}", "min_version=1",
     )  # fmt: skip
     assert first_page.code == 0, first_page.stderr
-    assert "accounts (1 of 2)" in first_page.stdout
+    # One account on this page, of the owner's two (the totals count them all).
+    assert "accounts (1)" in first_page.stdout and "totals (1)" in first_page.stdout
+    assert row(first_page.stdout, "EUR") == ["EUR", "1250", "2"]
     assert min(account, other) in first_page.stdout and max(account, other) not in first_page.stdout
-    assert "more: --cursor" in first_page.stdout
-    paged = (await cqrs(pair, "get", "owner", "cli-alice", "--limit", "1", "--json")).json()
+    assert "more: cursor=" in first_page.stdout
+    paged = (await cqrs(pair, "get", "owner", "cli-alice", "limit=1", "--json")).json()
     last_page = await cqrs(
-        pair, "get", "owner", "cli-alice", "--limit", "1", "--cursor", paged["next_cursor"],
-        "--json",
+        pair, "get", "owner", "cli-alice", "limit=1", f"cursor={paged['next_cursor']}", "--json",
     )  # fmt: skip
     assert [item["id"] for item in last_page.json()["accounts"]] == [max(account, other)]
     assert last_page.json()["next_cursor"] is None
     assert last_page.json()["totals"] == [{"currency": "EUR", "balance": 1250, "accounts": 2}]
-    listed = await cqrs(pair, "get", "accounts", "--owner", "cli-alice")
-    assert account in listed.stdout
+    listed = await cqrs(pair, "get", "accounts", "owner_id=cli-alice")
+    assert account in listed.stdout and "items (2)" in listed.stdout
+    assert "more: cursor=" not in listed.stdout  # the last page
 
     missing = await cqrs(pair, "get", "account", str(uuid.uuid4()))
     assert missing.code == 1
     assert "account not found" in missing.stderr and missing.stdout == ""
     invalid = await cqrs(pair, "get", "transfer", "not-a-uuid", "--json")
     assert invalid.code == 1 and "422" in invalid.stderr
+
+
+def row(table: str, first: str) -> list[str]:
+    """The cells of the one line of a printed table or panel whose first cell is `first`."""
+    found = []
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip(" │┃|").split("│")]
+        cells = [cell for part in cells for cell in part.split("  ") if cell.strip()]
+        if cells and cells[0].strip() == first:
+            found.append([cell.strip() for cell in cells])
+    assert len(found) == 1, (first, table)
+    return found[0]
+
+
+CART_CONTRACTS = """
+from shared.contracts import DomainContracts
+from shared.messages import Command
+
+
+class AddItem(Command):
+    aggregate_type = "cart"
+    sku: str
+    quantity: int
+
+
+contracts = DomainContracts(name="cart", commands=(AddItem,))
+"""
+
+
+async def test_routes_and_commands_come_from_the_domains(pair: Pair, tmp_path: Path) -> None:
+    listed = await cqrs(pair, "get", "--json")
+    assert listed.code == 0, listed.stderr
+    routes = {route["name"]: route for route in listed.json()}
+    assert {"account", "accounts", "transactions", "owner", "transfer"} <= set(routes)
+    assert routes["transactions"]["path"] == "/accounts/{account_id}/transactions"
+    assert routes["transactions"]["path_parameters"] == ["account_id"]
+    assert [p["name"] for p in routes["accounts"]["query_parameters"]] == [
+        "owner_id", "status", "currency", "limit", "cursor",
+    ]  # fmt: skip
+    pretty = await cqrs(pair, "get")
+    assert pretty.code == 0, pretty.stderr
+    owner = row(pretty.stdout, "owner")
+    assert owner[1] == "/owners/{owner_id}/summary"
+    assert owner[2].startswith("<owner_id> min_version=integer?")
+
+    unknown = await cqrs(pair, "get", "acount", str(uuid.uuid4()))
+    assert unknown.code == 1 and "no route 'acount'" in unknown.stderr
+    assert "account, accounts, transactions, owner, transfer" in unknown.stderr
+    misnamed = await cqrs(pair, "get", "accounts", "owner=cli-carol")
+    assert misnamed.code == 1 and "no query parameter 'owner'" in misnamed.stderr
+    assert "[owner_id=string]" in misnamed.stderr
+    missing = await cqrs(pair, "get", "transfer")
+    assert missing.code == 1 and "cqrs get transfer <transfer_id>" in missing.stderr
+
+    # A domain of one's own, configured for the tool alone (this pair runs only the ledger):
+    # the tool finds its command type, aggregate type and field types in its contracts.
+    package = tmp_path / "acme_cart_e2e" / "cart"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").touch()
+    (package / "__init__.py").touch()
+    (package / "contracts.py").write_text(CART_CONTRACTS)
+    cart = {"PYTHONPATH": str(tmp_path), "CQRS_DOMAINS": "ledger,acme_cart_e2e.cart"}
+    helped = await cqrs(pair, "send", "--help", env=cart)
+    assert "AddItem (cart): sku, quantity" in helped.stdout and "OpenAccount" in helped.stdout
+    sent = await cqrs(pair, "send", "AddItem", "sku=42", "quantity=2", "--json", env=cart)
+    assert sent.code == 1, sent.stderr  # the command service here knows no carts
+    assert sent.json()["error"]["code"] == "unknown_command_type"
+    dead = (await cqrs(pair, "dlq", "list", "--json")).json()["messages"]
+    assert [m["routing_key"] for m in dead] == ["cart.AddItem"]
+    assert '"payload":{"sku":"42","quantity":2}' in dead[0]["body"]
+    refused = await cqrs(pair, "send", "AddItem", "sku=42")  # the ledger alone
+    assert refused.code == 1 and "unknown command type 'AddItem'" in refused.stderr
+    assert "DepositMoney (account): amount, currency?" in refused.stderr
 
 
 class FakeCommandStatus(BaseHTTPRequestHandler):
@@ -269,7 +353,7 @@ async def test_dead_letters_are_listed_without_loss_and_replayed(pair: Pair) -> 
     assert replayed.code == 0, replayed.stderr
     assert replayed.json()["replayed"] == [fixed_id]
 
-    got = await cqrs(pair, "get", "account", account, "--min-version", "3", "--json")
+    got = await cqrs(pair, "get", "account", account, "min_version=3", "--json")
     assert got.code == 0, got.stderr
     assert (got.json()["balance"], got.json()["version"]) == (140, 3)
     left = (await cqrs(pair, "dlq", "list", "--json")).json()
@@ -304,3 +388,7 @@ async def test_load_then_rebuild_with_progress(pair: Pair) -> None:
     assert model["current"] == 3  # two rebuilds: generation 1 → 2 → 3
     unknown = await cqrs(pair, "rebuild", "no_such_model")
     assert unknown.code == 1 and "unknown read models" in unknown.stderr
+    # The read models are the query service's: none named, they are listed.
+    unnamed = await cqrs(pair, "rebuild")
+    assert unnamed.code == 1
+    assert "accounts, transactions, owner_summaries, transfers" in unnamed.stderr
