@@ -6,6 +6,7 @@
     cqrs status [--watch 2]
     cqrs rebuild accounts
     cqrs dlq list | cqrs dlq replay --id <command id>
+    cqrs parked list | cqrs parked replay [--id <event id>] | cqrs parked drop --id <event id>
     cqrs load --rate 100 --duration 30 --mix open=1,deposit=5,withdraw=3,transfer=1,invalid=0.1
 
 Tables by default, `--json` for scripts. Settings come from `CQRS_*` variables (`CQRS_AMQP_URL`,
@@ -22,6 +23,7 @@ from cqrs_cli import (
     dlq_command,
     get_command,
     load_command,
+    parked_command,
     rebuild_command,
     send_command,
     status_command,
@@ -37,6 +39,7 @@ app.command()(get_command.get)
 app.command()(status_command.status)
 app.command()(rebuild_command.rebuild)
 app.add_typer(dlq_command.app, name="dlq")
+app.add_typer(parked_command.app, name="parked")
 app.command()(load_command.load)
 
 

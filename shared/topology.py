@@ -15,6 +15,10 @@ EVENTS_EXCHANGE = "cqrs.events"
 AGGREGATE_ID_HEADER = "aggregate_id"
 # Header set on dead-lettered and parked messages.
 REASON_HEADER = "x-cqrs-reason"
+# On a parked event: the exchange and routing key it arrived with (a replay sends it back
+# with that key, so it lands in its aggregate's partition again).
+ORIGINAL_EXCHANGE_HEADER = "x-cqrs-original-exchange"
+ORIGINAL_ROUTING_KEY_HEADER = "x-cqrs-original-routing-key"
 # On a dead-lettered command: who sent it (the broker-verified AMQP `user_id`); absent when the
 # command had none. Set only by the command service.
 SENDER_HEADER = "x-cqrs-sender"

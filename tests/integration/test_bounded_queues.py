@@ -25,8 +25,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from command_service.bootstrap import start
 from command_service.settings import CommandServiceSettings
 from cqrs_cli.dlq_command import list_dead_letters
+from cqrs_cli.parked_command import drop_parked, list_parked, parked_count
 from query_service.adapters.mongo import Document, create_client
-from query_service.adapters.parked import drop_parked, list_parked, parked_count
 from query_service.bootstrap import start_projector
 from query_service.settings import QueryServiceSettings
 from shared import topology

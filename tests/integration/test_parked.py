@@ -1,5 +1,5 @@
 """Parked events on the real broker: counted, listed without being lost, replayed into their
-partition once the gap is filled, dropped by id; through the functions and the CLI."""
+partition once the gap is filled, dropped by id; through the functions and `cqrs parked`."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from pymongo.asynchronous.database import AsyncDatabase
 
+from cqrs_cli.parked_command import list_parked, parked_count, replay_parked
 from query_service.adapters.mongo import Document, create_client
-from query_service.adapters.parked import list_parked, parked_count, replay_parked
 from query_service.bootstrap import ProjectorRuntime, start_projector
 from query_service.entrypoints.api.app import create_app
 from query_service.service_layer.projector import GapPolicy
@@ -38,6 +38,7 @@ from tests.query_support import (
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+CQRS = Path(sys.executable).with_name("cqrs")
 
 
 @pytest.fixture
@@ -91,9 +92,8 @@ async def balance(database: AsyncDatabase[Document], account: object) -> tuple[i
 async def run_cli(settings: QueryServiceSettings, *args: str) -> str:
     env = {**os.environ, "CQRS_AMQP_URL": settings.amqp_url, "CQRS_LOG_JSON": "true"}
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "query_service.parked",
+        str(CQRS),
+        "parked",
         *args,
         cwd=REPO,
         env=env,

@@ -1,27 +1,47 @@
-"""Parked events: list them, send them back to the projector, or drop them.
+"""`cqrs parked list|replay|drop`: the projector's parked events.
+
+    cqrs parked list [--limit 100]          # JSON, oldest first; they stay parked
+    cqrs parked replay                       # all, back to their partitions
+    cqrs parked replay --id <message id> [--id ...]
+    cqrs parked drop --id <message id>       # delete for good
 
 Parked messages wait in `cqrs.projector.parked` with the reason in `x-cqrs-reason` and where they
 came from in `x-cqrs-original-exchange` / `x-cqrs-original-routing-key`. A replay publishes a
-message to the partitioned exchange with its original routing key, body and headers (minus the
-`x-` ones the parking and dead-lettering added), so it lands in its aggregate's partition again;
-it is acked in the parked queue only after the broker confirmed that publish.
+message to the projector's partitioned exchange with its original routing key, body and headers
+(minus the `x-` ones the parking and dead-lettering added), so it lands in its aggregate's
+partition again; it is acked in the parked queue only after the broker confirmed that publish.
+If it still cannot be applied it is parked again, with the new reason.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import aio_pika
+import typer
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import ChannelNotFoundEntity
 
+from cqrs_cli.common import AmqpOption, amqp_url, run
 from cqrs_runtime.messaging import copy_message
-from query_service.adapters import broker
-from shared.topology import AGGREGATE_ID_HEADER, PROJECTOR_PARKED_QUEUE, REASON_HEADER
+from shared.topology import (
+    AGGREGATE_ID_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER,
+    PROJECTOR_PARKED_QUEUE,
+    PROJECTOR_PARTITION_EXCHANGE,
+    REASON_HEADER,
+)
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="The projector's parked events: list them, replay them, or drop them.",
+)
+
+T = TypeVar("T")
 
 BODY_PREVIEW_CHARS = 300
 
@@ -67,9 +87,7 @@ def describe(message: AbstractIncomingMessage) -> ParkedEvent:
     return ParkedEvent(
         message_id=message.message_id,
         type=message.type,
-        routing_key=_text(headers.get(broker.ORIGINAL_ROUTING_KEY_HEADER))
-        or message.routing_key
-        or "",
+        routing_key=_text(headers.get(ORIGINAL_ROUTING_KEY_HEADER)) or message.routing_key or "",
         aggregate_id=_text(headers.get(AGGREGATE_ID_HEADER)),
         version=_int(headers.get("version")),
         position=_int(headers.get("position")),
@@ -162,7 +180,9 @@ async def _move(
         queue = await _parked_queue(channel)
         if queue is None:
             return ParkedReplay(moved=0, left=0)
-        exchange = await broker.declare_exchange(channel, broker.partition_exchange())
+        # Passive: the projector declared it with the parked queue, and this login may only
+        # be allowed to use it, not to declare it.
+        exchange = await channel.get_exchange(PROJECTOR_PARTITION_EXCHANGE, ensure=True)
         waiting = int(queue.declaration_result.message_count or 0)
         moved = left = 0
         for _ in range(waiting):
@@ -192,3 +212,48 @@ def _replayed(message: AbstractIncomingMessage) -> aio_pika.Message:
 
 def to_json(events: list[ParkedEvent]) -> str:
     return json.dumps([event.as_dict() for event in events], indent=2)
+
+
+def _with_connection(url: str, work: Callable[[AbstractConnection], Awaitable[T]]) -> T:
+    async def connected() -> T:
+        connection = await aio_pika.connect(url)
+        try:
+            return await work(connection)
+        finally:
+            await connection.close()
+
+    # A broker that does not answer: a short error and exit code 2.
+    return run(connected())
+
+
+@app.command("list")
+def list_command(
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="at most this many")] = 100,
+    amqp: AmqpOption = None,
+) -> None:
+    """Print parked events as JSON: id, type, aggregate, version, position, reason, body."""
+    parked = _with_connection(amqp_url(amqp), lambda c: list_parked(c, limit=limit))
+    typer.echo(to_json(parked))
+
+
+@app.command("replay")
+def replay_command(
+    ids: Annotated[
+        list[str] | None, typer.Option("--id", help="message id (event id); default: all")
+    ] = None,
+    amqp: AmqpOption = None,
+) -> None:
+    """Send parked events back to the projector."""
+    wanted = set(ids) if ids else None
+    result = _with_connection(amqp_url(amqp), lambda c: replay_parked(c, message_ids=wanted))
+    typer.echo(json.dumps({"replayed": result.moved, "still_parked": result.left}))
+
+
+@app.command("drop")
+def drop_command(
+    ids: Annotated[list[str], typer.Option("--id", help="message id (event id) to delete")],
+    amqp: AmqpOption = None,
+) -> None:
+    """Delete parked events for good (after inspecting them with `list`)."""
+    result = _with_connection(amqp_url(amqp), lambda c: drop_parked(c, message_ids=set(ids)))
+    typer.echo(json.dumps({"dropped": result.moved, "still_parked": result.left}))
