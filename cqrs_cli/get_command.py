@@ -33,7 +33,8 @@ from cqrs_cli.common import (
 )
 from cqrs_cli.openapi_routes import Route, get_routes, routes_named
 
-# Pages of every list route answer with it: pass it back as `cursor=`.
+# A route that pages takes `cursor` and answers with the next one as `next_cursor`.
+CURSOR = "cursor"
 NEXT_CURSOR = "next_cursor"
 # Columns keep at least this much of a value (a UUID) before the table wraps them.
 MIN_COLUMN_WIDTH = 36
@@ -68,11 +69,16 @@ def get(
     route = _route_named(name, routes)
     path, params, path_values = _request(route, values or [])
     what = " ".join([name, *path_values])
-    body = expect_ok(http_get(base, path, params), what)
+    response = http_get(base, path, params)
+    if response.is_success and "json" not in response.headers.get("content-type", ""):
+        typer.echo(response.text)  # a route that answers something else: as it came
+        return
+    body = expect_ok(response, what)
     if as_json:
         print_json(body)
     else:
-        show(body, title=what)
+        pages = any(p.name == CURSOR for p in route.query_parameters)
+        show(body, title=what, next_page=NEXT_CURSOR if pages else None)
 
 
 def _route_named(name: str, routes: list[Route]) -> Route:
@@ -133,9 +139,10 @@ def show_routes(routes: list[Route], *, as_json: bool) -> None:
     out().print(table)
 
 
-def show(body: Any, *, title: str) -> None:
+def show(body: Any, *, title: str, next_page: str | None = None) -> None:
     """An answer as tables: an object's scalar fields as rows (nested objects flattened as
-    `a.b`), each of its lists of objects as a table; a list of objects as one table."""
+    `a.b`), each of its lists of objects as a table; a list of objects as one table. The
+    field `next_page` names (a page's next cursor) is shown as the `cursor=` to pass next."""
     if isinstance(body, list):
         out().print(_table(title, body))
         return
@@ -145,7 +152,7 @@ def show(body: Any, *, title: str) -> None:
     rows: list[tuple[str, Any]] = []
     tables: list[Table] = []
     for key, value in body.items():
-        if key == NEXT_CURSOR:
+        if key == next_page:
             continue
         if isinstance(value, list) and any(isinstance(item, dict) for item in value):
             tables.append(_table(key, value))
@@ -160,10 +167,8 @@ def show(body: Any, *, title: str) -> None:
         out().print(Panel(grid, title=escape(title), expand=False))
     for table in tables:
         out().print(table)
-    if body.get(NEXT_CURSOR):
-        out().print(
-            Text(f"more: {NEXT_CURSOR.removeprefix('next_')}={body[NEXT_CURSOR]}", style="dim")
-        )
+    if next_page is not None and body.get(next_page):
+        out().print(Text(f"more: {CURSOR}={body[next_page]}", style="dim"))
 
 
 def _flat(key: str, value: Any) -> list[tuple[str, Any]]:
