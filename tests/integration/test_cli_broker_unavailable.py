@@ -1,4 +1,5 @@
-"""`cqrs send` without a broker: "broker unavailable" and exit code 2, within its timeout.
+"""`cqrs send` without a broker: "broker unavailable" and exit code 2, within its timeout; the
+other commands without the broker or the query API they read: exit code 2 as well.
 
 The tool runs as a user runs it (the installed script, as a process). Two ways a broker is not
 there: nothing listens on its port, or something accepts the connection and never answers (a
@@ -24,13 +25,18 @@ pytestmark = pytest.mark.integration
 CQRS = Path(sys.executable).with_name("cqrs")
 
 
-async def cqrs(amqp_url: str, *args: str) -> tuple[int, str, float]:
+async def cqrs(amqp_url: str, *args: str, query_url: str | None = None) -> tuple[int, str, float]:
     """Exit code, stderr and seconds taken."""
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
         str(CQRS),
         *args,
-        env={**os.environ, "CQRS_AMQP_URL": amqp_url, "COLUMNS": "200"},
+        env={
+            **os.environ,
+            "CQRS_AMQP_URL": amqp_url,
+            "CQRS_QUERY_URL": query_url or f"http://127.0.0.1:{free_port()}",
+            "COLUMNS": "200",
+        },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -83,3 +89,22 @@ async def test_dlq_list_with_nothing_listening_says_broker_unavailable() -> None
     code, stderr, _ = await cqrs(url, "dlq", "list")
     assert code == 2, stderr
     assert "broker unavailable" in stderr
+
+
+async def test_parked_list_with_nothing_listening_says_broker_unavailable() -> None:
+    url = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    code, stderr, _ = await cqrs(url, "parked", "list")
+    assert code == 2, stderr
+    assert "broker unavailable" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    "args", [("get",), ("get", "account", "a"), ("rebuild",), ("rebuild", "--all")]
+)
+async def test_get_and_rebuild_without_the_query_api_exit_2(args: tuple[str, ...]) -> None:
+    url = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    code, stderr, _ = await cqrs(url, *args, query_url=f"http://127.0.0.1:{free_port()}")
+    assert code == 2, stderr
+    assert "does not answer" in stderr
+    assert "Traceback" not in stderr
