@@ -23,9 +23,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from command_service.adapters.broker import event_message
-from command_service.adapters.event_store import StoredEvent
 from command_service.domains import ledger
 from command_service.model.authorization import Actor
+from command_service.service_layer.event_store import StoredEvent
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.registry import CommandRegistry
 from cqrs_runtime import tracing
