@@ -39,9 +39,9 @@ from tenacity import (
 from cqrs_runtime import tracing
 from cqrs_runtime.supervision import Supervisor
 from query_service.adapters.broker import ParkedQueueFullError
-from query_service.adapters.mongo import TRANSIENT_ERRORS
 from query_service.entrypoints.lanes import AggregateLanes
 from query_service.metrics import ProjectorMetrics
+from query_service.projections.store import TRANSIENT_ERRORS
 from query_service.service_layer.projector import Outcome, Projected, Rejected
 from shared.messages import EventEnvelope
 from shared.topology import AGGREGATE_ID_HEADER

@@ -25,9 +25,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from command_service.bootstrap import start
 from command_service.settings import CommandServiceSettings
 from cqrs_cli.dlq import list_dead_letters
-from query_service.adapters.mongo import Document, create_client
+from query_service.adapters.mongo import create_client
 from query_service.adapters.parked import drop_parked, list_parked, parked_count
 from query_service.bootstrap import start_projector
+from query_service.projections.store import Document
 from query_service.settings import QueryServiceSettings
 from shared import topology
 from shared.client import CommandClient
