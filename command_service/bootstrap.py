@@ -12,9 +12,9 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from command_service.adapters import broker
-from command_service.adapters.event_store import PostgresEventStore, create_pool
 from command_service.adapters.migrations import migrate_schema
 from command_service.adapters.partition_leases import PartitionLeases
+from command_service.adapters.postgres_event_store import PostgresEventStore, create_pool
 from command_service.adapters.relay import RELAY_SUBSCRIPTION, EventPublisher
 from command_service.adapters.subscription import RECOVERABLE_ERRORS, Subscription
 from command_service.entrypoints.commands import CommandConsumer

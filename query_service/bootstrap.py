@@ -19,13 +19,10 @@ from cqrs_runtime.supervision import Supervisor
 from query_service.adapters import broker
 from query_service.adapters.mongo import (
     CHECKPOINTS_COLLECTION,
-    TRANSIENT_ERRORS,
     BufferedCheckpoints,
-    Document,
     MongoCheckpoints,
     create_client,
 )
-from query_service.adapters.read_models import ReadModelCatalog, build_catalog
 from query_service.domain import QueryDomain, load_query_domains, read_models_of
 from query_service.entrypoints.api.app import create_app
 from query_service.entrypoints.partitions import PartitionBalancer, PartitionSubscriptions
@@ -35,6 +32,8 @@ from query_service.entrypoints.projector import (
     RetryPolicy,
 )
 from query_service.metrics import ProjectorMetrics
+from query_service.projections.store import TRANSIENT_ERRORS, Document
+from query_service.service_layer.catalog import ReadModelCatalog, build_catalog
 from query_service.service_layer.projector import GapPolicy, Projector
 from query_service.settings import QueryServiceSettings
 from shared.amqp import tolerate_invalid_utf8

@@ -14,6 +14,8 @@ service knows the sender by it and authorizes the command for that login.
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 from uuid import UUID, uuid4
@@ -36,7 +38,6 @@ from aio_pika.exceptions import (
 )
 from aiormq.exceptions import ChannelAccessRefused
 
-from cqrs_runtime import tracing
 from shared.amqp import broker_login, tolerate_invalid_utf8
 from shared.messages import Command, CommandEnvelope, CommandMetadata, Reply
 from shared.topology import (
@@ -269,7 +270,7 @@ class CommandClient:
         reply: bool,
     ) -> aio_pika.Message:
         headers: dict[str, FieldValue] = {AGGREGATE_ID_HEADER: aggregate_id}
-        tracing.inject(headers)  # the caller's trace continues in the command service
+        _inject_trace_context(headers)  # the caller's trace continues in the command service
         return aio_pika.Message(
             body=body,
             content_type="application/json",
@@ -436,3 +437,21 @@ def _describe(error: BaseException) -> str:
     """A driver error as one line for a message: its text, or its type when it has none."""
     text = str(error).strip()
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _inject_trace_context(headers: dict[str, FieldValue]) -> None:
+    """Add the caller's trace context (`traceparent`, ...) as the caller's OpenTelemetry set-up
+    propagates it (its global propagator, `OTEL_PROPAGATORS`); nothing without OpenTelemetry."""
+    inject = _opentelemetry_inject()
+    if inject is not None:
+        inject(headers)
+
+
+@functools.cache
+def _opentelemetry_inject() -> Callable[[dict[str, FieldValue]], None] | None:
+    # Looked up once, on the first command: the SDK runs without OpenTelemetry installed.
+    try:
+        from opentelemetry.propagate import inject
+    except ImportError:
+        return None
+    return inject

@@ -9,9 +9,10 @@ from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
-from query_service.adapters.mongo import Document, create_client
-from query_service.adapters.read_models import FIRST_GENERATION, ReadModelCatalog, build_catalog
+from query_service.adapters.mongo import create_client
 from query_service.domains import ledger
+from query_service.projections.store import Document
+from query_service.service_layer.catalog import FIRST_GENERATION, ReadModelCatalog, build_catalog
 from shared.messages import EventEnvelope
 
 Snapshot = dict[str, list[Document]]

@@ -12,7 +12,7 @@ from importlib import resources
 import asyncpg
 import structlog
 
-from command_service.adapters.event_store import Connection, translate_driver_errors
+from command_service.adapters.postgres_event_store import Connection, translate_driver_errors
 
 log = structlog.get_logger(__name__)
 

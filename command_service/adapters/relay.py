@@ -20,9 +20,9 @@ import structlog
 from aio_pika.abc import AbstractExchange
 
 from command_service.adapters.broker import event_message
-from command_service.adapters.event_store import StoredEvent
 from command_service.adapters.subscription import RECOVERABLE_ERRORS
 from command_service.metrics import CommandMetrics
+from command_service.service_layer.event_store import StoredEvent
 from cqrs_runtime.supervision import Failure
 
 log = structlog.get_logger(__name__)

@@ -24,24 +24,23 @@ import aio_pika
 import aiormq
 import structlog
 
-from command_service.adapters.event_store import (
+from command_service.adapters.leadership import connect_leader, while_alive
+from command_service.adapters.postgres_event_store import (
     EVENTS_CHANNEL,
     TRANSIENT_ERRORS,
-    EventStoreUnavailableError,
-    StoredEvent,
     init_connection,
     read_all,
 )
-from command_service.adapters.leadership import connect_leader, while_alive
+from command_service.service_layer.event_store import (
+    EventStoreUnavailableError,
+    RetryLaterError,
+    StoredEvent,
+)
 from cqrs_runtime.supervision import Failure, mark_healthy
 
 log = structlog.get_logger(__name__)
 
 BatchHandler = Callable[[list[StoredEvent]], Awaitable[None]]
-
-
-class RetryLaterError(Exception):
-    """Raised by a handler that cannot finish a batch now; the batch is run again later."""
 
 
 # Failures a subscription waits out: the database or the broker going away.

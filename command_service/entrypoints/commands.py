@@ -48,10 +48,10 @@ from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from command_service.adapters.broker import dead_letter_message, reply_message
-from command_service.adapters.event_store import EventStoreUnavailableError
 from command_service.adapters.subscription import BROKER_ERRORS
 from command_service.metrics import CommandMetrics
 from command_service.model.authorization import Actor
+from command_service.service_layer.event_store import EventStoreUnavailableError
 from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry, UnknownCommandError
 from cqrs_runtime import tracing

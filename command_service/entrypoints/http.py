@@ -25,8 +25,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
-from command_service.adapters.event_store import TRANSIENT_ERRORS
 from command_service.adapters.partition_leases import PartitionLeases
+from command_service.adapters.postgres_event_store import TRANSIENT_ERRORS
 from command_service.adapters.relay import RELAY_SUBSCRIPTION
 from command_service.adapters.subscription import Subscription
 from command_service.entrypoints.commands import CommandConsumer

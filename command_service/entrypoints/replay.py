@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from pydantic import ValidationError
 
 from command_service.adapters.broker import event_message
-from command_service.adapters.event_store import (
+from command_service.adapters.postgres_event_store import (
     count_range,
     last_position,
     read_all,

@@ -7,15 +7,15 @@ from uuid import UUID
 
 import structlog
 
-from command_service.adapters.event_store import (
+from command_service.model.aggregate import Aggregate, DomainError
+from command_service.model.authorization import FORBIDDEN, Actor, AuthorizationPolicy
+from command_service.service_layer.event_store import (
     ConcurrencyError,
     DuplicateCommandError,
     EventStore,
     NewEvent,
     WrongAggregateTypeError,
 )
-from command_service.model.aggregate import Aggregate, DomainError
-from command_service.model.authorization import FORBIDDEN, Actor, AuthorizationPolicy
 from command_service.service_layer.registry import CommandRegistry
 from command_service.service_layer.repository import AggregateRepository
 from cqrs_runtime import tracing

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import structlog
 
-from command_service.adapters.event_store import StoredEvent
-from command_service.adapters.subscription import RetryLaterError
 from command_service.model.authorization import Actor
 from command_service.model.process import IssuedCommand, ProcessManager
+from command_service.service_layer.event_store import RetryLaterError, StoredEvent
 from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry
 from cqrs_runtime import tracing

@@ -8,13 +8,13 @@ from uuid import UUID
 
 import structlog
 
-from command_service.adapters.event_store import (
+from command_service.model.aggregate import Aggregate
+from command_service.service_layer.event_store import (
     EventStore,
     EventStoreUnavailableError,
     Snapshot,
     WrongAggregateTypeError,
 )
-from command_service.model.aggregate import Aggregate
 from command_service.service_layer.registry import CommandRegistry
 from shared.messages import Event
 

@@ -20,7 +20,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from pamqp.commands import Basic
 from pydantic import ValidationError
 
-from query_service.entrypoints.projector import UnreadableMessage, parse_envelope
+from query_service.projections.envelope import UnreadableMessage, parse_envelope
 from query_service.service_layer.rebuild import (
     RebuildError,
     ReplayEvents,

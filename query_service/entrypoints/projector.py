@@ -22,12 +22,10 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
-from uuid import UUID
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, ConsumerTag
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
-from pydantic import ValidationError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -39,9 +37,11 @@ from tenacity import (
 from cqrs_runtime import tracing
 from cqrs_runtime.supervision import Supervisor
 from query_service.adapters.broker import ParkedQueueFullError
-from query_service.adapters.mongo import TRANSIENT_ERRORS
 from query_service.entrypoints.lanes import AggregateLanes
 from query_service.metrics import ProjectorMetrics
+from query_service.projections.envelope import MAX_BODY_BYTES, UnreadableMessage, parse_envelope
+from query_service.projections.envelope import as_uuid as _as_uuid
+from query_service.projections.store import TRANSIENT_ERRORS
 from query_service.service_layer.projector import Outcome, Projected, Rejected
 from shared.messages import EventEnvelope
 from shared.topology import AGGREGATE_ID_HEADER
@@ -51,8 +51,6 @@ if TYPE_CHECKING:
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
-# An event envelope is a few hundred bytes; anything near this is not one of ours.
-MAX_BODY_BYTES = 1_048_576
 # How long a message whose handling failed outside the policy waits before it is requeued.
 FAILED_REQUEUE_PAUSE_SECONDS = 1.0
 
@@ -63,10 +61,6 @@ class Parker(Protocol):
     """Sets a message aside with the reason it cannot be projected; returns once that is durable."""
 
     async def park(self, message: AbstractIncomingMessage, reason: str) -> None: ...
-
-
-class UnreadableMessage(Exception):
-    """The message body is not an event envelope we can route to a projection."""
 
 
 @dataclass(frozen=True)
@@ -80,40 +74,6 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
-
-
-def parse_envelope(
-    body: bytes, headers: dict[str, Any] | None = None, *, max_bytes: int = MAX_BODY_BYTES
-) -> EventEnvelope:
-    """Read an event envelope from a message body, or say precisely why not."""
-    if len(body) > max_bytes:
-        raise UnreadableMessage(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
-    try:
-        envelope = EventEnvelope.model_validate_json(body)
-    except ValidationError as e:
-        errors = e.errors(include_url=False)
-        if any(error["type"] == "json_invalid" for error in errors):
-            raise UnreadableMessage(f"malformed JSON: {errors[0]['msg']}") from e
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
-            for error in errors
-        )
-        raise UnreadableMessage(f"invalid event envelope: {problems}") from e
-    header = (headers or {}).get(AGGREGATE_ID_HEADER)
-    # The partition was chosen by the header; if it lies, this aggregate's order is not guaranteed.
-    if header is not None and _as_uuid(header) != envelope.aggregate_id:
-        raise UnreadableMessage(
-            f"header {AGGREGATE_ID_HEADER}={header!r} does not match the envelope's "
-            f"aggregate_id {envelope.aggregate_id}"
-        )
-    return envelope
-
-
-def _as_uuid(value: object) -> UUID | None:
-    try:
-        return UUID(value.decode() if isinstance(value, bytes) else str(value))
-    except ValueError:
-        return None
 
 
 class ProjectorConsumer:

@@ -20,8 +20,8 @@ from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError
 
-from query_service.adapters.mongo import Document, VersionedCollection, is_duplicate_only
 from query_service.projections.base import InvalidEvent
+from query_service.projections.store import Document, VersionedCollection, is_duplicate_only
 from shared.messages import EventEnvelope
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)

@@ -15,9 +15,9 @@ from typing import Any, Generic, TypeVar
 from pymongo import IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
-from query_service.adapters.mongo import Document, VersionedCollection
 from query_service.projections.base import ApplyResult, InvalidEvent, event_data
 from query_service.projections.bulk import Step, skip_invalid, write_steps
+from query_service.projections.store import Document, VersionedCollection
 from shared.messages import Event, EventEnvelope
 
 C = TypeVar("C", bound=Event)

@@ -14,8 +14,8 @@ from typing import Protocol
 from pymongo import IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
-from query_service.adapters.mongo import Document
 from query_service.projections.base import BatchProjection
+from query_service.projections.store import Document
 from shared.messages import EventEnvelope
 
 

@@ -42,8 +42,8 @@ from typing import Protocol
 
 import structlog
 
-from query_service.adapters.mongo import TRANSIENT_ERRORS
-from query_service.adapters.read_models import (
+from query_service.projections.store import TRANSIENT_ERRORS
+from query_service.service_layer.catalog import (
     ModelState,
     ReadModelCatalog,
     RebuildConflictError,

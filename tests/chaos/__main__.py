@@ -43,8 +43,8 @@ import aio_pika
 import asyncpg
 import httpx
 
-from command_service.adapters.event_store import read_all
 from command_service.adapters.migrations import migrate_schema
+from command_service.adapters.postgres_event_store import read_all
 from shared import topology
 from shared.amqp import broker_login
 from shared.client import (

@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 
-from command_service.adapters.event_store import read_all
 from command_service.adapters.migrations import migrate
+from command_service.adapters.postgres_event_store import read_all
 from shared import topology
 from shared.client import CommandClient, envelope_for
 from shared.ledger import DepositMoney, OpenAccount, WithdrawMoney

@@ -20,7 +20,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from command_service.adapters.event_store import StoredEvent, read_all
+from command_service.adapters.postgres_event_store import read_all
+from command_service.service_layer.event_store import StoredEvent
 from shared import topology
 from shared.messages import Reply
 from tests.e2e.conftest import CommandReplicas

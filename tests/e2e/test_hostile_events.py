@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from command_service.adapters.event_store import EVENTS_CHANNEL, init_connection
+from command_service.adapters.postgres_event_store import EVENTS_CHANNEL, init_connection
 from shared.client import CommandClient
 from shared.ledger import DepositMoney, OpenAccount
 from tests.e2e.conftest import Pair

@@ -11,7 +11,7 @@ from uuid import UUID, uuid4
 import httpx
 import pytest
 
-from command_service.adapters.event_store import PostgresEventStore, create_pool
+from command_service.adapters.postgres_event_store import PostgresEventStore, create_pool
 from query_service.adapters.mongo import create_client
 from shared.client import CommandClient
 from shared.ledger import (

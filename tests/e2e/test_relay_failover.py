@@ -17,7 +17,7 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from command_service.adapters.event_store import read_all
+from command_service.adapters.postgres_event_store import read_all
 from command_service.adapters.relay import RELAY_SUBSCRIPTION
 from shared import topology
 from shared.client import CommandClient

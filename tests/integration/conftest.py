@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from command_service.adapters.event_store import PostgresEventStore, create_pool
 from command_service.adapters.migrations import migrate
+from command_service.adapters.postgres_event_store import PostgresEventStore, create_pool
 from command_service.bootstrap import CommandService, start
 from command_service.settings import CommandServiceSettings
 from shared.client import CommandClient

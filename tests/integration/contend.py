@@ -10,9 +10,10 @@ import sys
 import uuid
 from typing import Any
 
-from command_service.adapters.event_store import ConcurrencyError, PostgresEventStore, create_pool
+from command_service.adapters.postgres_event_store import PostgresEventStore, create_pool
 from command_service.domains import ledger
 from command_service.model.authorization import Actor
+from command_service.service_layer.event_store import ConcurrencyError
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.registry import CommandRegistry
 from shared.client import envelope_for

@@ -23,7 +23,7 @@ import aio_pika
 import asyncpg
 import pytest
 
-from command_service.adapters.event_store import PostgresEventStore
+from command_service.adapters.postgres_event_store import PostgresEventStore
 from command_service.bootstrap import CommandService, start
 from command_service.domains import ledger
 from command_service.domains.ledger.account import Account

@@ -26,8 +26,9 @@ from command_service.bootstrap import start
 from command_service.settings import CommandServiceSettings
 from cqrs_cli.dlq_command import list_dead_letters
 from cqrs_cli.parked_command import drop_parked, list_parked, parked_count
-from query_service.adapters.mongo import Document, create_client
+from query_service.adapters.mongo import create_client
 from query_service.bootstrap import start_projector
+from query_service.projections.store import Document
 from query_service.settings import QueryServiceSettings
 from shared import topology
 from shared.client import CommandClient

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from command_service.adapters.event_store import PostgresEventStore
+from command_service.adapters.postgres_event_store import PostgresEventStore
 from command_service.domains import ledger
 from command_service.model.authorization import Actor
 from command_service.service_layer.handlers import handle_command

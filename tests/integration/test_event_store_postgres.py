@@ -10,17 +10,19 @@ import pytest
 from structlog.testing import capture_logs
 
 from command_service.adapters import migrations
-from command_service.adapters.event_store import (
-    ConcurrencyError,
-    DuplicateCommandError,
-    NewEvent,
+from command_service.adapters.migrations import available_migrations, migrate
+from command_service.adapters.postgres_event_store import (
     PostgresEventStore,
-    WrongAggregateTypeError,
     create_pool,
     init_connection,
     read_all,
 )
-from command_service.adapters.migrations import available_migrations, migrate
+from command_service.service_layer.event_store import (
+    ConcurrencyError,
+    DuplicateCommandError,
+    NewEvent,
+    WrongAggregateTypeError,
+)
 from shared.ledger import AccountOpened, MoneyDeposited
 from shared.messages import Reply, ReplyError
 

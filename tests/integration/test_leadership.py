@@ -17,9 +17,10 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from command_service.adapters.event_store import NewEvent, PostgresEventStore, StoredEvent
 from command_service.adapters.partition_leases import PartitionLeases
+from command_service.adapters.postgres_event_store import PostgresEventStore
 from command_service.adapters.subscription import RECOVERABLE_ERRORS, Subscription
+from command_service.service_layer.event_store import NewEvent, StoredEvent
 from cqrs_runtime.supervision import Backoff, Supervisor
 from shared.ledger import AccountOpened
 from tests.tcp_proxy import TcpProxy, through

@@ -24,8 +24,9 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
-from query_service.adapters.mongo import Document, create_client
+from query_service.adapters.mongo import create_client
 from query_service.entrypoints.api.app import create_app
+from query_service.projections.store import Document
 from query_service.settings import QueryServiceSettings
 from tests.query_support import opened_account, served
 from tests.read_model_support import ledger_catalog, replay_one_by_one

@@ -17,10 +17,11 @@ import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from query_service.adapters.mongo import Document, create_client
-from query_service.adapters.read_models import ReadModelCatalog
+from query_service.adapters.mongo import create_client
 from query_service.entrypoints.api.app import create_app
 from query_service.projections.base import ApplyStatus
+from query_service.projections.store import Document
+from query_service.service_layer.catalog import ReadModelCatalog
 from query_service.settings import QueryServiceSettings
 from shared.ledger import (
     MAX_BALANCE,

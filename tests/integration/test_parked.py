@@ -17,9 +17,10 @@ from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from cqrs_cli.parked_command import list_parked, parked_count, replay_parked
-from query_service.adapters.mongo import Document, create_client
+from query_service.adapters.mongo import create_client
 from query_service.bootstrap import ProjectorRuntime, start_projector
 from query_service.entrypoints.api.app import create_app
+from query_service.projections.store import Document
 from query_service.service_layer.projector import GapPolicy
 from query_service.settings import QueryServiceSettings
 from shared.ledger import MoneyDeposited

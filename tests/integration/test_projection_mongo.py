@@ -10,15 +10,10 @@ import pytest
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
-from query_service.adapters.mongo import (
-    CHECKPOINTS_COLLECTION,
-    Document,
-    MongoCheckpoints,
-    VersionedCollection,
-    create_client,
-)
+from query_service.adapters.mongo import CHECKPOINTS_COLLECTION, MongoCheckpoints, create_client
 from query_service.domains.ledger.accounts import AccountsProjection
 from query_service.projections.base import ApplyStatus, InvalidEvent
+from query_service.projections.store import Document, VersionedCollection
 from query_service.service_layer.projector import GapPolicy, Outcome, Projected, Rejected, project
 from shared.ledger import (
     AccountClosed,

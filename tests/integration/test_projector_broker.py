@@ -19,8 +19,9 @@ from query_service.adapters.broker import (
     declare_projector_topology,
     parked_bounds,
 )
-from query_service.adapters.mongo import Document, create_client
+from query_service.adapters.mongo import create_client
 from query_service.bootstrap import ProjectorRuntime, start_projector
+from query_service.projections.store import Document
 from query_service.service_layer.projector import GapPolicy
 from query_service.settings import QueryServiceSettings
 from shared.ledger import AccountOpened, MoneyDeposited, MoneyWithdrawn

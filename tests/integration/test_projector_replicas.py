@@ -19,7 +19,7 @@ from uuid import UUID, uuid4
 import aio_pika
 import pytest
 
-from command_service.adapters.event_store import PostgresEventStore
+from command_service.adapters.postgres_event_store import PostgresEventStore
 from command_service.bootstrap import CommandService
 from query_service.adapters.mongo import create_client
 from shared.client import CommandClient

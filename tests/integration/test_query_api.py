@@ -11,14 +11,10 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ServerSelectionTimeoutError
 
-from query_service.adapters.mongo import (
-    CHECKPOINTS_COLLECTION,
-    Document,
-    MongoCheckpoints,
-    create_client,
-)
-from query_service.adapters.read_models import FIRST_GENERATION
+from query_service.adapters.mongo import CHECKPOINTS_COLLECTION, MongoCheckpoints, create_client
 from query_service.entrypoints.api.app import create_app
+from query_service.projections.store import Document
+from query_service.service_layer.catalog import FIRST_GENERATION
 from query_service.service_layer.projector import project
 from query_service.settings import QueryServiceSettings
 from shared.ledger import AccountFrozen, MoneyWithdrawn

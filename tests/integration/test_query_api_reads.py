@@ -13,9 +13,10 @@ import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from query_service.adapters.mongo import Document, create_client
+from query_service.adapters.mongo import create_client
 from query_service.bootstrap import start_projector
 from query_service.entrypoints.api.app import create_app
+from query_service.projections.store import Document
 from query_service.settings import QueryServiceSettings
 from shared.ledger import (
     TRANSFER,

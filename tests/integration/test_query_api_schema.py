@@ -32,8 +32,9 @@ from schemathesis.core.result import Err, Ok
 from schemathesis.generation.case import Case
 from schemathesis.schemas import APIOperation
 
-from query_service.adapters.mongo import Document, create_client
+from query_service.adapters.mongo import create_client
 from query_service.entrypoints.api.app import create_app
+from query_service.projections.store import Document
 from query_service.settings import QueryServiceSettings
 from shared.ledger import (
     TRANSFER,

@@ -14,10 +14,11 @@ from uuid import UUID, uuid4
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from query_service.adapters.mongo import Document, create_client
-from query_service.adapters.read_models import ReadModelCatalog
+from query_service.adapters.mongo import create_client
 from query_service.domains.ledger.views import owner_summary
 from query_service.projections.base import ApplyStatus, BatchProjection
+from query_service.projections.store import Document
+from query_service.service_layer.catalog import ReadModelCatalog
 from shared.ledger import (
     TRANSFER,
     AccountClosed,

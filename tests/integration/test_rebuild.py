@@ -19,8 +19,7 @@ import pytest
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from query_service.adapters.mongo import Document, create_client
-from query_service.adapters.read_models import ModelState, RebuildConflictError
+from query_service.adapters.mongo import create_client
 from query_service.adapters.replay import (
     AmqpReplaySource,
     ReplayTimeoutError,
@@ -28,6 +27,8 @@ from query_service.adapters.replay import (
 )
 from query_service.bootstrap import ProjectorRuntime, start_projector
 from query_service.entrypoints.api.app import create_app
+from query_service.projections.store import Document
+from query_service.service_layer.catalog import ModelState, RebuildConflictError
 from query_service.service_layer.rebuild import Rebuild, RebuildPolicy, RebuildProgress
 from query_service.settings import QueryServiceSettings
 from shared.ledger import (

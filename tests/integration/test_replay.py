@@ -10,7 +10,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from command_service.adapters.event_store import PostgresEventStore
+from command_service.adapters.postgres_event_store import PostgresEventStore
 from command_service.bootstrap import CommandService
 from shared import topology
 from shared.client import CommandClient

@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
-from command_service.adapters.event_store import NewEvent, PostgresEventStore, Snapshot
+from command_service.adapters.postgres_event_store import PostgresEventStore
 from command_service.domains import ledger
 from command_service.domains.ledger.account import Account
 from command_service.model.aggregate import Aggregate
 from command_service.model.authorization import Actor
+from command_service.service_layer.event_store import NewEvent, Snapshot
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.registry import CommandRegistry
 from command_service.service_layer.repository import AggregateRepository

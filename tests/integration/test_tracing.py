@@ -13,8 +13,9 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from command_service.adapters.event_store import NewEvent, PostgresEventStore
+from command_service.adapters.postgres_event_store import PostgresEventStore
 from command_service.bootstrap import CommandService
+from command_service.service_layer.event_store import NewEvent
 from query_service.bootstrap import QueryService, bootstrap
 from query_service.settings import QueryServiceSettings
 from shared.client import CommandClient

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
-from command_service.adapters.event_store import (
+from command_service.service_layer.event_store import (
     ConcurrencyError,
     DuplicateCommandError,
     NewEvent,

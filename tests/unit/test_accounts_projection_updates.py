@@ -8,13 +8,13 @@ from uuid import uuid4
 
 import pytest
 
-from query_service.adapters.mongo import VersionedCollection
 from query_service.domains.ledger.accounts import (
     AccountsProjection,
     account_update,
     opened_account,
 )
 from query_service.projections.base import InvalidEvent, event_data
+from query_service.projections.store import VersionedCollection
 from shared.ledger import (
     AccountClosed,
     AccountFrozen,

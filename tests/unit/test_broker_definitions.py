@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import yaml  # type: ignore[import-untyped]
 
 from command_service.settings import CommandServiceSettings
-from query_service.entrypoints.projector import MAX_BODY_BYTES
+from query_service.projections.envelope import MAX_BODY_BYTES
 from shared.amqp import TRUNCATED_BODY_BYTES
 
 ROOT = Path(__file__).parents[2]

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from query_service.adapters.read_models import FreshValue
+from query_service.service_layer.catalog import FreshValue
 
 
 class Source:

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from command_service.settings import CommandServiceSettings
-from query_service.entrypoints.projector import MAX_BODY_BYTES
+from query_service.projections.envelope import MAX_BODY_BYTES
 from query_service.settings import QueryServiceSettings
 
 

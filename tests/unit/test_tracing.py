@@ -18,14 +18,17 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from opentelemetry import propagate
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from command_service.adapters.broker import event_message
-from command_service.adapters.event_store import StoredEvent
 from command_service.domains import ledger
 from command_service.model.authorization import Actor
+from command_service.service_layer.event_store import StoredEvent
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.registry import CommandRegistry
 from cqrs_runtime import tracing
@@ -127,11 +130,9 @@ class TestTracingOff:
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         with provider.get_tracer("caller").start_as_current_span("caller"):
-            message = await publish_one(RecordingExchange())
             assert tracing.current_traceparent() is None
             with tracing.span("command X"):
                 pass
-        assert set(message.headers) == {AGGREGATE_ID_HEADER}
         assert [span.name for span in exporter.get_finished_spans()] == ["caller"]
 
     async def test_stored_events_and_published_messages_are_as_before(self) -> None:
@@ -177,6 +178,86 @@ class TestTracingOff:
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines()[-1] == "ok"
         assert "tracing_unavailable" in done.stdout + done.stderr
+
+
+class TestClientTraceContext:
+    """The client SDK passes on its caller's trace context as the caller's OpenTelemetry set-up
+    propagates it, whether or not the services' tracing is configured in that process."""
+
+    async def test_continues_the_callers_trace(self) -> None:
+        provider = TracerProvider()
+        with provider.get_tracer("caller").start_as_current_span("caller") as caller:
+            message = await publish_one(RecordingExchange())
+        assert not tracing.enabled()
+        context = caller.get_span_context()
+        assert ids(str((message.headers or {})["traceparent"])) == (
+            context.trace_id,
+            context.span_id,
+        )
+
+    async def test_uses_the_global_propagator(self) -> None:
+        class Marker(TextMapPropagator):
+            """Writes one header of its own, whatever the context."""
+
+            def inject(
+                self, carrier: Any, context: Context | None = None, setter: Any = None
+            ) -> None:
+                carrier["x-marker"] = "set"
+
+            def extract(
+                self, carrier: Any, context: Context | None = None, getter: Any = None
+            ) -> Context:
+                return context if context is not None else Context()
+
+            @property
+            def fields(self) -> set[str]:
+                return {"x-marker"}
+
+        previous = propagate.get_global_textmap()
+        propagate.set_global_textmap(Marker())
+        try:
+            message = await publish_one(RecordingExchange())
+        finally:
+            propagate.set_global_textmap(previous)
+        assert message.headers == {
+            AGGREGATE_ID_HEADER: message.headers[AGGREGATE_ID_HEADER],
+            "x-marker": "set",
+        }
+
+    def test_runs_without_opentelemetry_and_without_the_services_runtime(self) -> None:
+        # A fresh interpreter where no part of OpenTelemetry can be imported.
+        script = textwrap.dedent(
+            """
+            import asyncio, importlib.abc, sys, uuid
+
+            class Missing(importlib.abc.MetaPathFinder):
+                def find_spec(self, name, path, target=None):
+                    if name == "opentelemetry" or name.startswith("opentelemetry."):
+                        raise ImportError(f"No module named {name!r}")
+                    return None
+
+            sys.meta_path.insert(0, Missing())
+            from shared.client import CommandClient, envelope_for
+            from shared.ledger import OpenAccount
+
+            class Exchange:
+                async def publish(self, message, routing_key, **_):
+                    self.message = message
+
+            exchange = Exchange()
+            client = CommandClient(None, None, exchange, None)
+            envelope = envelope_for(OpenAccount(owner_id="o", currency="EUR"), uuid.uuid4())
+            asyncio.run(client.publish(envelope, "account", reply=False))
+            assert set(exchange.message.headers) == {"aggregate_id"}, exchange.message.headers
+            loaded = sorted(m for m in sys.modules if m.split(".")[0] == "cqrs_runtime")
+            print("ok", loaded)
+            """
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1] == "ok []"
 
 
 class TestTracingOn:

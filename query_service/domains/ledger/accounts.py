@@ -13,9 +13,9 @@ from typing import Any, Final, Literal
 
 from pymongo import IndexModel
 
-from query_service.adapters.mongo import VersionedCollection
 from query_service.projections.base import InvalidEvent
 from query_service.projections.document import DocumentProjection, DocumentReadModel, DocumentRules
+from query_service.projections.store import VersionedCollection
 from shared.ledger import (
     ACCOUNT,
     ACCOUNT_EVENTS,

@@ -31,10 +31,10 @@ import structlog
 from pymongo import IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
-from query_service.adapters.mongo import Document, VersionedCollection
 from query_service.domains.ledger.accounts import account_update
 from query_service.projections.base import ApplyResult, ApplyStatus
 from query_service.projections.document import DocumentProjection, DocumentReadModel, DocumentRules
+from query_service.projections.store import Document, VersionedCollection
 from shared.ledger import ACCOUNT, ACCOUNT_EVENTS, AccountOpened
 from shared.messages import EventEnvelope
 

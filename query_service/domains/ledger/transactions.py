@@ -27,9 +27,9 @@ from pymongo import IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from query_service.adapters.mongo import Document, VersionedCollection
 from query_service.projections.base import ApplyResult, InvalidEvent, event_data
 from query_service.projections.bulk import Step, insert_ignoring_duplicates, write_steps
+from query_service.projections.store import Document, VersionedCollection
 from shared.ledger import (
     ACCOUNT,
     ACCOUNT_EVENTS,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from query_service.adapters.mongo import VersionedCollection
 from query_service.projections.base import InvalidEvent
 from query_service.projections.document import DocumentProjection, DocumentReadModel, DocumentRules
+from query_service.projections.store import VersionedCollection
 from shared.ledger import (
     TRANSFER,
     TRANSFER_EVENTS,

@@ -16,8 +16,8 @@ from uuid import UUID
 from bson.decimal128 import Decimal128
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from query_service.adapters.read_models import ReadModelCatalog
 from query_service.domains.ledger import accounts, owners, transactions, transfers
+from query_service.service_layer.catalog import ReadModelCatalog
 
 AccountStatus = Literal["open", "frozen", "closed"]
 

@@ -12,11 +12,11 @@ from fastapi import APIRouter, Body, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from query_service.adapters import broker as amqp
-from query_service.adapters.read_models import ReadModelCatalog, RebuildConflictError
 from query_service.entrypoints.api.dependencies import Catalog
 from query_service.entrypoints.api.errors import ErrorDetail, Refusal
 from query_service.entrypoints.api.limits import UnavailableError
 from query_service.entrypoints.api.probes import BROKER_PROBE_ERRORS, broker_reason
+from query_service.service_layer.catalog import ReadModelCatalog, RebuildConflictError
 from query_service.service_layer.rebuild import RebuildPolicy, RebuildProgress
 from query_service.settings import QueryServiceSettings
 

@@ -12,8 +12,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from cqrs_runtime.supervision import Supervisor
 from query_service.adapters import broker as amqp
-from query_service.adapters.mongo import TRANSIENT_ERRORS, Document, create_client
-from query_service.adapters.read_models import ReadModelCatalog, build_catalog
+from query_service.adapters.mongo import create_client
 from query_service.domain import QueryDomain, load_query_domains, read_models_of
 from query_service.entrypoints.api.admin import RebuildRunner, admin
 from query_service.entrypoints.api.auth import require_token
@@ -34,6 +33,8 @@ from query_service.entrypoints.api.limits import (
 from query_service.entrypoints.api.probes import probes
 from query_service.entrypoints.api.timing import RequestTimer
 from query_service.metrics import ProjectorMetrics, QueryMetrics
+from query_service.projections.store import TRANSIENT_ERRORS, Document
+from query_service.service_layer.catalog import ReadModelCatalog, build_catalog
 from query_service.settings import QueryServiceSettings
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict
 
-from query_service.adapters.read_models import ReadModelCatalog
+from query_service.service_layer.catalog import ReadModelCatalog
 from query_service.settings import QueryServiceSettings
 
 

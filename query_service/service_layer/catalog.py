@@ -1,6 +1,7 @@
-"""The `read_models` collection: which generation of each read model is current.
+"""The read-model catalog: the read models, their generations, and where an event goes now.
 
-One document per read model, `_id` = its name:
+Which generation of each read model is current is kept in the `read_models` collection, one
+document per read model, `_id` = its name:
 
 ```
 {current: 2, target: 3 | null, previous: 1 | null,
@@ -26,20 +27,17 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from query_service.adapters.mongo import (
-    READ_MODELS_COLLECTION,
-    Document,
-    generation_collections,
-    generation_of,
-)
 from query_service.projections.base import BatchProjection, Projection
 from query_service.projections.read_model import ReadModel
+from query_service.projections.store import Document, generation_collections, generation_of
 from query_service.service_layer.projector import Shadow, Targets
 from shared.messages import EventEnvelope
 
 T = TypeVar("T")
 
 FIRST_GENERATION = 1
+# The collection of the generation pointers (this module's docstring).
+READ_MODELS_COLLECTION = "read_models"
 
 
 @dataclass(frozen=True)
