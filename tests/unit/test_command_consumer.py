@@ -1,4 +1,4 @@
-"""The command consumer on fakes: each command's payload is parsed once."""
+"""The command consumer and the process managers on fakes: each command's payload is parsed once."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ import pytest
 from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
 
 from command_service.domains import ledger
+from command_service.domains.ledger.transfer import TransferProcess
 from command_service.entrypoints.commands import CommandConsumer
+from command_service.model.authorization import Actor
 from command_service.service_layer.handlers import handle_command
+from command_service.service_layer.process_managers import ProcessManagerRunner
 from command_service.service_layer.registry import CommandRegistry
 from shared.client import envelope_for
-from shared.ledger import OpenAccount
+from shared.ledger import OpenAccount, RequestTransfer
 from shared.messages import Reply
 from shared.topology import AGGREGATE_ID_HEADER
 from tests.unit.fakes import FakeEventStore
@@ -97,3 +100,35 @@ async def test_a_command_from_the_broker_is_parsed_once(registry: CountingRegist
     [(published, _)] = replies.published
     assert Reply.model_validate_json(published.body).status == "accepted"
     assert registry.parsed == 1
+
+
+async def test_a_process_managers_steps_are_not_parsed_again(registry: CountingRegistry) -> None:
+    store = FakeEventStore()
+    handle = functools.partial(
+        handle_command, store=store, registry=registry, concurrency_retries=0
+    )
+    source, target = uuid.uuid4(), uuid.uuid4()
+    for account, deposit in ((source, 10), (target, 0)):
+        await handle(
+            envelope_for(
+                OpenAccount(owner_id="o", currency="EUR", initial_deposit=deposit), account
+            ),
+            actor=Actor.anonymous(),
+        )
+    await handle(
+        envelope_for(
+            RequestTransfer(from_account_id=source, to_account_id=target, amount=4), uuid.uuid4()
+        ),
+        actor=Actor.anonymous(),
+    )
+    parsed_by_clients = registry.parsed
+    runner = ProcessManagerRunner(TransferProcess(), handle=handle, registry=registry)
+
+    seen = 0
+    while len(events := await store.read_all(seen, 100)) > 0:  # each step's events in turn
+        await runner(events)
+        seen = events[-1].position
+
+    assert runner.issued == 4  # debit, credit, settle the debit, complete
+    assert "TransferCompleted" in [event.type for event in store.events]
+    assert registry.parsed == parsed_by_clients
