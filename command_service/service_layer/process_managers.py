@@ -6,10 +6,9 @@ leadership change appends nothing twice. They act as `process:<name>` (the event
 name it as their `user`), which the domain's policy sees as a process, not a login. A step is
 built typed by the process manager, so it is handed on as it is, never parsed again.
 
-Each event goes through the consumer pipeline (`cqrs_runtime.pipeline`), one at a time and in
-position order: decoded into the domain event (events of other types are acked without
-handling), handled in a `react <EventType>` span that continues the trace of the command that
-caused it. A step that keeps losing races requeues its event: the reaction and those after it
+Each event of a type it reacts to goes through the consumer pipeline (`cqrs_runtime.pipeline`),
+one at a time and in position order: decoded into the domain event, handled in a
+`react <EventType>` span that continues the trace of the command that caused it. A step that keeps losing races requeues its event: the reaction and those after it
 are run again later (the subscription stores no checkpoint for the batch); any other error
 escapes to the subscription, which tries the batch again after a backoff.
 """
@@ -28,7 +27,6 @@ from command_service.service_layer.handlers import HandleCommand
 from command_service.service_layer.registry import CommandRegistry
 from cqrs_runtime import tracing
 from cqrs_runtime.pipeline import (
-    Decided,
     Item,
     Outcome,
     Pipeline,
@@ -71,14 +69,14 @@ class ProcessManagerRunner:
 
     async def __call__(self, events: list[StoredEvent]) -> None:
         for stored in events:
+            if stored.type not in self._event_types:
+                continue  # every event passes by; most are not this process manager's
             [outcome] = await self._pipeline.run([stored])
             if outcome.verdict is Verdict.REQUEUE:
                 # Lost races are not a decision: run this batch again later.
                 raise outcome.error or RetryLaterError(outcome.reason)
 
     def _decode(self, stored: StoredEvent) -> Event:
-        if stored.type not in self._event_types:
-            raise Decided(Outcome.ack("ignored"))
         return self._registry.event_from_stored(stored.type, stored.schema_version, stored.data)
 
     def _span(self, stored: StoredEvent, event: Event | None) -> SpanSpec | None:
