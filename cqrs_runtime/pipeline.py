@@ -10,7 +10,7 @@ settled on their transport, and what they count. The stages, for a batch of mess
    concurrently still reach the gate in delivery order): its log fields are bound, its span is
    started when the consumer names one before decoding (the command consumer's covers the
    decoding too), and `decode` gives the value the handler takes, or raises `Decided` with the
-   message's outcome (bad input: dead-letter or park; a message that is not ours: ack);
+   message's outcome (bad input: dead-letter or park);
 2. **admit**, when the consumer has a gate (the projector's per-aggregate lanes): the gate may
    send a message back before it is handled;
 3. **handle** the decoded messages as one batch, each message's span started first; the
