@@ -8,9 +8,10 @@ built typed by the process manager, so it is handed on as it is, never parsed ag
 
 Each event of a type it reacts to goes through the consumer pipeline (`cqrs_runtime.pipeline`),
 one at a time and in position order: decoded into the domain event, handled in a
-`react <EventType>` span that continues the trace of the command that caused it. A step that keeps losing races requeues its event: the reaction and those after it
-are run again later (the subscription stores no checkpoint for the batch); any other error
-escapes to the subscription, which tries the batch again after a backoff.
+`react <EventType>` span that continues the trace of the command that caused it. A step that
+keeps losing races requeues its event: the reaction and those after it are run again later
+(the subscription stores no checkpoint for the batch); any other error escapes to the
+subscription, which tries the batch again after a backoff.
 """
 
 from __future__ import annotations
