@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace import SpanKind as OtelSpanKind
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
@@ -158,12 +159,73 @@ class SpanHandle:
         if self._span is not None and value is not None:
             self._span.set_attribute(key, value)
 
+    def set_all(self, attributes: Mapping[str, AttributeValue | None]) -> None:
+        for key, value in attributes.items():
+            self.set(key, value)
+
     def rename(self, name: str) -> None:
         if self._span is not None:
             self._span.update_name(name)
 
+    @contextmanager
+    def current(self) -> Iterator[None]:
+        """Make this span the current one for the block (its children's parent); an exception
+        escaping the block is recorded on it and marks it as failed. It does not end it."""
+        if self._span is None:
+            yield
+            return
+        from opentelemetry.trace import use_span
+
+        with use_span(
+            self._span, end_on_exit=False, record_exception=True, set_status_on_exception=True
+        ):
+            yield
+
+    def fail(self, error: BaseException) -> None:
+        """Record `error` on the span and mark it as failed, as an escaping exception would."""
+        if self._span is None:
+            return
+        from opentelemetry.trace import Status, StatusCode
+
+        self._span.record_exception(error)
+        self._span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+
+    def end(self) -> None:
+        if self._span is not None:
+            self._span.end()
+
 
 _NOOP = SpanHandle(None)
+
+
+def start_span(
+    name: str,
+    *,
+    parent: Context | None = None,
+    kind: SpanKind = "internal",
+    attributes: Mapping[str, AttributeValue | None] | None = None,
+) -> SpanHandle:
+    """Start a span (child of `parent`, else of the current span) without making it current:
+    for work that enters and leaves it several times (`SpanHandle.current`) and ends it itself
+    (`SpanHandle.end`). A no-op handle when tracing is off."""
+    tracer = _state.tracer
+    if tracer is None:
+        return _NOOP
+    clean = {k: v for k, v in (attributes or {}).items() if v is not None}
+    return SpanHandle(
+        tracer.start_span(name, context=parent, kind=_otel_kind(kind), attributes=clean)
+    )
+
+
+def _otel_kind(kind: SpanKind) -> OtelSpanKind:
+    from opentelemetry.trace import SpanKind as OtelSpanKind
+
+    kinds = {
+        "consumer": OtelSpanKind.CONSUMER,
+        "producer": OtelSpanKind.PRODUCER,
+        "internal": OtelSpanKind.INTERNAL,
+    }
+    return kinds[kind]
 
 
 @contextmanager
@@ -182,15 +244,8 @@ def span(
     if tracer is None:
         yield _NOOP
         return
-    from opentelemetry.trace import SpanKind as OtelSpanKind
-
-    kinds = {
-        "consumer": OtelSpanKind.CONSUMER,
-        "producer": OtelSpanKind.PRODUCER,
-        "internal": OtelSpanKind.INTERNAL,
-    }
     clean = {k: v for k, v in (attributes or {}).items() if v is not None}
     with tracer.start_as_current_span(
-        name, context=parent, kind=kinds[kind], attributes=clean
+        name, context=parent, kind=_otel_kind(kind), attributes=clean
     ) as current:
         yield SpanHandle(current)

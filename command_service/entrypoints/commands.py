@@ -26,15 +26,20 @@ Replies go only to reply queues: server-named ones (`amq.gen-*`), direct reply-t
 any other `reply_to` is handled without a reply, since replies are published with the command
 service's rights and must not land in queues the client could not write to.
 
-Each partition loop runs under the service's supervisor: if the loop itself fails (not one
-message: those are contained above), it is logged, counted and restarted with backoff.
+Each message goes through the consumer pipeline (`cqrs_runtime.pipeline`): this module says what
+is the command consumer's own (how a delivery is decoded, its log fields and span, the policy
+above, how each outcome is settled on the broker, and what is counted), the pipeline runs the
+stages. Each partition loop runs under the service's supervisor: if the loop itself fails (not
+one message: those are contained above), it is logged, counted and restarted with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import structlog
@@ -45,7 +50,6 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 from pydantic import ValidationError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from command_service.adapters.broker import dead_letter_message, reply_message
 from command_service.adapters.subscription import BROKER_ERRORS
@@ -53,8 +57,13 @@ from command_service.metrics import CommandMetrics
 from command_service.model.authorization import Actor
 from command_service.service_layer.event_store import EventStoreUnavailableError
 from command_service.service_layer.handlers import HandleCommand
-from command_service.service_layer.registry import CommandRegistry, UnknownCommandError
+from command_service.service_layer.registry import (
+    CommandRegistry,
+    ParsedCommand,
+    UnknownCommandError,
+)
 from cqrs_runtime import tracing
+from cqrs_runtime.pipeline import Decided, Item, Outcome, Pipeline, Policy, Retry, SpanSpec, Verdict
 from cqrs_runtime.supervision import Supervisor, mark_healthy
 from shared.messages import CommandEnvelope, Reply, ReplyError
 from shared.text import is_identifier
@@ -100,6 +109,21 @@ class PartitionPausedError(Exception):
     everything it holds (returned to the queue in order) and consumes again after a pause."""
 
 
+@dataclass(frozen=True)
+class ReceivedCommand:
+    """A command as it came from the broker: parsed, and who sent it."""
+
+    parsed: ParsedCommand
+    actor: Actor
+
+    @property
+    def envelope(self) -> CommandEnvelope:
+        return self.parsed.envelope
+
+
+Delivery = Item[AbstractIncomingMessage, ReceivedCommand]
+
+
 def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors(include_url=False, include_input=False)[:5]:
@@ -141,11 +165,32 @@ class CommandConsumer:
         self._replies = replies
         self._dead_letters = dead_letters
         self._max_message_bytes = max_message_bytes
-        self._transient_retry_seconds = transient_retry_seconds
         self._supervisor = supervisor if supervisor is not None else Supervisor()
         self._reply_prefixes = (*BROKER_REPLY_QUEUE_PREFIXES, reply_queue_prefix)
         self._partitions: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self.handled = 0
+        self._pipeline: Pipeline[AbstractIncomingMessage, ReceivedCommand, Reply] = Pipeline(
+            decode=self._decode,
+            log_fields=_log_fields,
+            span=_span,
+            handle=self._handle,
+            policy=Policy(
+                # The event store unreachable: retried in place, so the partition keeps its order.
+                retry=Retry(
+                    transient=(EventStoreUnavailableError,),
+                    attempts=None,
+                    seconds=transient_retry_seconds,
+                    initial_seconds=0.1,
+                    max_seconds=5.0,
+                    announce=_announce_unavailable,
+                ),
+                exhausted=_requeue,
+                failed=self._failed,
+            ),
+            settle=self._settle,
+            span_outcome=_span_outcome,
+            record=self._record,
+        )
 
     def start_partition(self, name: str) -> None:
         """Consume one partition queue, one message at a time, under the supervisor."""
@@ -237,75 +282,28 @@ class CommandConsumer:
 
     async def process(self, message: AbstractIncomingMessage) -> None:
         """Handle one delivery to its end: acked, dead-lettered or requeued."""
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(
-            message_id=message.message_id, correlation_id=message.correlation_id
-        )
-        # Renamed `command <Type>` once the type is known to be one of ours.
-        with tracing.span(
-            "command", parent=tracing.extract(message.headers), kind="consumer"
-        ) as span:
-            await self._process(message, span)
-
-    async def _process(self, message: AbstractIncomingMessage, span: tracing.SpanHandle) -> None:
-        started = time.perf_counter()
-        envelope: CommandEnvelope | None = None
-        try:
-            envelope = self._parse(message)
-            _bind_envelope(envelope)
-            actor = _sender(message, envelope)
-            _describe_span(span, envelope)
-            reply = await self._handle(envelope, actor)
-        except BadCommandError as e:
-            if e.envelope is not None:
-                _bind_envelope(e.envelope)
-            span.set("cqrs.outcome", "dead_lettered")
-            span.set("cqrs.error_code", e.code)
-            await self._dead_letter(message, e)
-            self._metrics.settled(
-                e.envelope.type if e.envelope else None,
-                "dead_lettered",
-                time.perf_counter() - started,
-            )
-            return
-        except EventStoreUnavailableError as e:
-            span.set("cqrs.outcome", "requeued")
-            log.error("command_requeued", error=str(e))
-            self._metrics.settled(
-                envelope.type if envelope else None, "requeued", time.perf_counter() - started
-            )
+        [outcome] = await self._pipeline.run([message])
+        if outcome.verdict is Verdict.REQUEUE:
             # Not a nack of this one message: the next ones are delivered here already and would
             # be handled before it came back. Closing the channel returns it and all of them to
             # the queue, in their order.
-            raise PartitionPausedError(str(e)) from e
-        except Exception as e:  # one message must not stop the partition
-            log.error("command_failed", exc_info=e)
-            span.set("cqrs.outcome", "failed")
-            span.set("cqrs.error_code", "internal_error")
-            failure = BadCommandError(
-                "internal_error", f"{type(e).__name__}: {e}", envelope, reply=INTERNAL_ERROR_REPLY
-            )
-            await self._dead_letter(message, failure)
-            self._metrics.settled(
-                envelope.type if envelope else None, "failed", time.perf_counter() - started
-            )
-            return
-        span.set("cqrs.outcome", reply.status)
-        span.set("cqrs.error_code", reply.error.code if reply.error else None)
-        span.set("cqrs.version", reply.version)
-        log.debug(
-            "command_handled",
-            status=reply.status,
-            version=reply.version,
-            position=reply.position,
-            error_code=reply.error.code if reply.error else None,
-        )
-        await self._reply(message, reply)
-        await message.ack()
-        self.handled += 1
-        self._metrics.settled(envelope.type, reply.status, time.perf_counter() - started)
+            raise PartitionPausedError(outcome.reason) from outcome.error
 
-    def _parse(self, message: AbstractIncomingMessage) -> CommandEnvelope:
+    # --- what the pipeline asks of this consumer ---------------------------------------------
+
+    def _decode(self, message: AbstractIncomingMessage) -> ReceivedCommand:
+        try:
+            envelope = self._read(message)
+            parsed = self._parse(message, envelope)
+            return ReceivedCommand(parsed, _sender(message, envelope))
+        except BadCommandError as e:
+            # What could be read of it names it in the log and in the metrics.
+            fields = _log_fields(message, None)
+            if e.envelope is not None:
+                fields = {**fields, **_envelope_fields(e.envelope)}
+            raise Decided(_dead_letter(message, e, "dead_lettered"), fields) from e
+
+    def _read(self, message: AbstractIncomingMessage) -> CommandEnvelope:
         size = len(message.body)
         if size > self._max_message_bytes:
             raise BadCommandError(
@@ -317,11 +315,13 @@ class CommandConsumer:
                 f"content type {message.content_type!r} is not application/json",
             )
         try:
-            envelope = CommandEnvelope.model_validate_json(message.body)
+            return CommandEnvelope.model_validate_json(message.body)
         except ValidationError as e:
             in_payload = all(error["loc"][:1] == ("payload",) for error in e.errors())
             code = "invalid_payload" if in_payload else "invalid_envelope"
             raise BadCommandError(code, _describe(e)) from e
+
+    def _parse(self, message: AbstractIncomingMessage, envelope: CommandEnvelope) -> ParsedCommand:
         header = (message.headers or {}).get(AGGREGATE_ID_HEADER)
         # The partition was chosen by the header: one that lies would break the aggregate's order.
         if header is not None and header != str(envelope.aggregate_id):
@@ -332,46 +332,64 @@ class CommandConsumer:
                 envelope,
             )
         try:
-            self._registry.parse(envelope)
+            return self._registry.parse(envelope)
         except UnknownCommandError as e:
             raise BadCommandError("unknown_command_type", str(e), envelope) from e
         except ValidationError as e:
             raise BadCommandError("invalid_payload", _describe(e), envelope) from e
-        return envelope
 
-    async def _handle(self, envelope: CommandEnvelope, actor: Actor) -> Reply:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(EventStoreUnavailableError),
-            wait=wait_exponential(multiplier=0.1, max=5),
-            stop=stop_after_delay(self._transient_retry_seconds),
-            before_sleep=lambda state: log.warning(
-                "event_store_unavailable", attempt=state.attempt_number
-            ),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                return await self._handle_command(envelope, actor=actor)
-        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+    async def _handle(self, batch: Sequence[Delivery]) -> list[Outcome[Reply]]:
+        outcomes: list[Outcome[Reply]] = []
+        for delivery in batch:
+            with delivery.scope():
+                command = delivery.value
+                reply = await self._handle_command(command.parsed, actor=command.actor)
+            outcomes.append(Outcome.ack(reply.status, reply))
+        return outcomes
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, error: BadCommandError) -> None:
-        reason = f"{error.code}: {error.message}"
-        log.warning("command_dead_lettered", reason=reason)
-        await self._dead_letters.publish(
-            dead_letter_message(message, reason, max_body_bytes=self._max_message_bytes),
-            routing_key="",
+    def _failed(self, delivery: Delivery, error: Exception) -> Outcome[Reply]:
+        """Anything else the handling raises: one message must not stop the partition."""
+        log.error("command_failed", exc_info=error)
+        envelope = delivery.decoded.envelope if delivery.decoded is not None else None
+        failure = BadCommandError(
+            "internal_error",
+            f"{type(error).__name__}: {error}",
+            envelope,
+            reply=INTERNAL_ERROR_REPLY,
         )
-        command_id = (
-            error.envelope.command_id if error.envelope else _uuid_or_nil(message.message_id)
-        )
-        reply = Reply(
-            command_id=command_id,
-            status="rejected",
-            aggregate_id=error.envelope.aggregate_id if error.envelope else None,
-            error=ReplyError(code=error.code, message=error.reply),
-        )
+        return _dead_letter(delivery.message, failure, "failed")
+
+    async def _settle(self, delivery: Delivery, outcome: Outcome[Reply]) -> Outcome[Reply]:
+        message = delivery.message
+        if outcome.verdict is Verdict.REQUEUE:
+            return outcome  # nothing is sent: `process` closes the channel, which returns it
+        reply = outcome.result
+        if reply is None:
+            raise ValueError(f"a command settled as {outcome.status} needs its reply")
+        if outcome.verdict is Verdict.DEAD_LETTER:
+            reason = outcome.reason or outcome.status
+            log.warning("command_dead_lettered", reason=reason)
+            await self._dead_letters.publish(
+                dead_letter_message(message, reason, max_body_bytes=self._max_message_bytes),
+                routing_key="",
+            )
+        else:
+            log.debug(
+                "command_handled",
+                status=reply.status,
+                version=reply.version,
+                position=reply.position,
+                error_code=reply.error.code if reply.error else None,
+            )
         await self._reply(message, reply)
         await message.ack()
+        return outcome
+
+    def _record(self, delivery: Delivery, outcome: Outcome[Reply], seconds: float) -> None:
+        if outcome.verdict is Verdict.ACK:
+            self.handled += 1
+        # The command type as far as it could be read (bound to the log with the envelope).
+        self._metrics.settled(delivery.fields.get("command_type"), outcome.status, seconds)
 
     async def _reply(self, message: AbstractIncomingMessage, reply: Reply) -> None:
         reply_to = message.reply_to
@@ -386,16 +404,55 @@ class CommandConsumer:
         )
 
 
-def _bind_envelope(envelope: CommandEnvelope) -> None:
-    metadata = envelope.metadata
-    structlog.contextvars.bind_contextvars(
-        command_id=str(envelope.command_id),
-        command_type=envelope.type,
-        aggregate_id=str(envelope.aggregate_id),
-        causation_id=metadata.causation_id,
+def _dead_letter(
+    message: AbstractIncomingMessage, error: BadCommandError, status: str
+) -> Outcome[Reply]:
+    """Dead-letter it with the error's reason, and tell the sender it was rejected."""
+    command_id = error.envelope.command_id if error.envelope else _uuid_or_nil(message.message_id)
+    rejection = Reply(
+        command_id=command_id,
+        status="rejected",
+        aggregate_id=error.envelope.aggregate_id if error.envelope else None,
+        error=ReplyError(code=error.code, message=error.reply),
     )
+    return Outcome.dead_letter(status, f"{error.code}: {error.message}", rejection)
+
+
+def _announce_unavailable(attempt: int, error: BaseException) -> None:
+    log.warning("event_store_unavailable", attempt=attempt)
+
+
+def _requeue(delivery: Delivery, outcome: Outcome[Reply]) -> Outcome[Reply]:
+    """The event store stayed away past the retry window: the partition lets go of it."""
+    log.error("command_requeued", error=str(outcome.error))
+    return Outcome.requeue("requeued", str(outcome.error), error=outcome.error)
+
+
+def _log_fields(
+    message: AbstractIncomingMessage, command: ReceivedCommand | None
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "message_id": message.message_id,
+        "correlation_id": message.correlation_id,
+    }
+    if command is not None:
+        fields.update(_envelope_fields(command.envelope))
+        if command.actor.kind == "user":
+            fields["user"] = command.actor.name
+    return fields
+
+
+def _envelope_fields(envelope: CommandEnvelope) -> dict[str, Any]:
+    metadata = envelope.metadata
+    fields: dict[str, Any] = {
+        "command_id": str(envelope.command_id),
+        "command_type": envelope.type,
+        "aggregate_id": str(envelope.aggregate_id),
+        "causation_id": metadata.causation_id,
+    }
     if metadata.correlation_id is not None:  # else the message's own stays bound
-        structlog.contextvars.bind_contextvars(correlation_id=metadata.correlation_id)
+        fields["correlation_id"] = metadata.correlation_id
+    return fields
 
 
 def _sender(message: AbstractIncomingMessage, envelope: CommandEnvelope) -> Actor:
@@ -411,16 +468,32 @@ def _sender(message: AbstractIncomingMessage, envelope: CommandEnvelope) -> Acto
             "the user_id property must be 1 to 128 printable ASCII characters, no spaces",
             envelope,
         )
-    structlog.contextvars.bind_contextvars(user=user_id)
     return Actor.user(user_id)
 
 
-def _describe_span(span: tracing.SpanHandle, envelope: CommandEnvelope) -> None:
-    span.rename(f"command {envelope.type}")
-    span.set("cqrs.command_id", str(envelope.command_id))
-    span.set("cqrs.command_type", envelope.type)
-    span.set("cqrs.aggregate_id", str(envelope.aggregate_id))
-    span.set("cqrs.correlation_id", envelope.metadata.correlation_id)
+def _span(message: AbstractIncomingMessage, command: ReceivedCommand | None) -> SpanSpec:
+    if command is None:
+        # Renamed `command <Type>` once the type is known to be one of ours.
+        return SpanSpec("command", parent=tracing.extract(message.headers), kind="consumer")
+    envelope = command.envelope
+    return SpanSpec(
+        f"command {envelope.type}",
+        attributes={
+            "cqrs.command_id": str(envelope.command_id),
+            "cqrs.command_type": envelope.type,
+            "cqrs.aggregate_id": str(envelope.aggregate_id),
+            "cqrs.correlation_id": envelope.metadata.correlation_id,
+        },
+    )
+
+
+def _span_outcome(outcome: Outcome[Reply]) -> Mapping[str, tracing.AttributeValue | None]:
+    reply = outcome.result
+    return {
+        "cqrs.outcome": outcome.status,
+        "cqrs.error_code": reply.error.code if reply is not None and reply.error else None,
+        "cqrs.version": reply.version if reply is not None else None,
+    }
 
 
 def _uuid_or_nil(value: str | None) -> UUID:

@@ -16,7 +16,7 @@ from command_service.service_layer.event_store import (
     NewEvent,
     WrongAggregateTypeError,
 )
-from command_service.service_layer.registry import CommandRegistry
+from command_service.service_layer.registry import CommandRegistry, ParsedCommand
 from command_service.service_layer.repository import AggregateRepository
 from cqrs_runtime import tracing
 from shared.messages import CommandEnvelope, Reply, ReplyError
@@ -30,7 +30,7 @@ class HandleCommand(Protocol):
     """`handle_command` with its dependencies bound, as the entrypoints receive it."""
 
     async def __call__(
-        self, envelope: CommandEnvelope, *, actor: Actor, internal: bool = False
+        self, command: ParsedCommand | CommandEnvelope, *, actor: Actor, internal: bool = False
     ) -> Reply: ...
 
 
@@ -39,7 +39,7 @@ def _as_duplicate(reply: Reply) -> Reply:
 
 
 async def handle_command(
-    envelope: CommandEnvelope,
+    command: ParsedCommand | CommandEnvelope,
     *,
     store: EventStore,
     actor: Actor,
@@ -61,9 +61,17 @@ async def handle_command(
     A command whose aggregate id names a stream of another aggregate type is rejected with
     `wrong_aggregate_type`. A lost race is retried against fresh state unless the command named
     `expected_version`.
-    Raises `UnknownCommandError` or `pydantic.ValidationError` for a command it cannot parse.
+
+    The consumers hand it the command parsed (`CommandRegistry.parse`), so a payload is parsed
+    once; an envelope is parsed here, and then raises `UnknownCommandError` or
+    `pydantic.ValidationError` for a command it cannot parse.
     """
-    command, aggregate_class = registry.parse(envelope, internal=internal)
+    parsed = (
+        command
+        if isinstance(command, ParsedCommand)
+        else registry.parse(command, internal=internal)
+    )
+    envelope, aggregate_class = parsed.envelope, parsed.aggregate
     stored = await store.find_reply(envelope.command_id, internal=internal)
     if stored is not None:
         return _as_duplicate(stored)
@@ -84,7 +92,7 @@ async def handle_command(
             return await _reject(envelope, store, "wrong_aggregate_type", str(e), internal)
         if authorize is not None:
             try:
-                await authorize(actor, command, aggregate, load)
+                await authorize(actor, parsed.command, aggregate, load)
             except DomainError as e:
                 if e.code == FORBIDDEN:
                     log.info("command_forbidden", user=actor.name, reason=e.message)
@@ -99,7 +107,7 @@ async def handle_command(
                 internal,
             )
         try:
-            events = aggregate.decide(command)
+            events = aggregate.decide(parsed.command)
         except DomainError as e:
             return await _reject(envelope, store, e.code, e.message, internal)
         if not events:

@@ -8,6 +8,7 @@ service starts, never settled by whichever registered last.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from command_service.model.aggregate import Aggregate
@@ -21,6 +22,16 @@ class UnknownCommandError(LookupError):
 
 class UnknownEventError(LookupError):
     """A stored event type is not registered: a deployment error, not bad input."""
+
+
+@dataclass(frozen=True)
+class ParsedCommand:
+    """A command envelope with its payload parsed: the typed command and the aggregate class
+    that decides it. Parsed once, where the command enters, and handed on as it is."""
+
+    envelope: CommandEnvelope
+    command: Command
+    aggregate: type[Aggregate]
 
 
 class CommandRegistry:
@@ -81,21 +92,36 @@ class CommandRegistry:
         """Aggregate type -> its class."""
         return self._aggregates
 
-    def parse(
-        self, envelope: CommandEnvelope, *, internal: bool = False
-    ) -> tuple[Command, type[Aggregate]]:
+    def parse(self, envelope: CommandEnvelope, *, internal: bool = False) -> ParsedCommand:
         """The typed command and the aggregate that decides it.
 
         Internal commands are found only when `internal` is true (process managers).
         Raises `UnknownCommandError`, or pydantic's `ValidationError` for a bad payload.
         """
-        found = self._commands.get(envelope.type)
+        command_class, aggregate = self._lookup(envelope.type, internal)
+        return ParsedCommand(envelope, command_class.model_validate(envelope.payload), aggregate)
+
+    def resolve(
+        self, envelope: CommandEnvelope, command: Command, *, internal: bool = False
+    ) -> ParsedCommand:
+        """A command built typed already (a process manager's step), sent as `envelope`: the
+        aggregate that decides it, without parsing it again. Raises `UnknownCommandError` when
+        its type is not registered, or is registered for another command class."""
+        command_class, aggregate = self._lookup(envelope.type, internal)
+        if type(command) is not command_class:
+            raise UnknownCommandError(
+                f"command type {envelope.type!r} is registered for {command_class.__name__}, "
+                f"not {type(command).__name__}"
+            )
+        return ParsedCommand(envelope, command, aggregate)
+
+    def _lookup(self, command_type: str, internal: bool) -> tuple[type[Command], type[Aggregate]]:
+        found = self._commands.get(command_type)
         if found is None and internal:
-            found = self._internal.get(envelope.type)
+            found = self._internal.get(command_type)
         if found is None:
-            raise UnknownCommandError(f"unknown command type {envelope.type!r}")
-        command_class, aggregate = found
-        return command_class.model_validate(envelope.payload), aggregate
+            raise UnknownCommandError(f"unknown command type {command_type!r}")
+        return found
 
     def event_from_stored(
         self, event_type: str, schema_version: int, data: dict[str, Any]

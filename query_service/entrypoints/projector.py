@@ -9,6 +9,10 @@
   it, so it stays in its partition until an operator makes room;
 - ack only after the read-model write is done.
 
+Each delivery goes through the consumer pipeline (`cqrs_runtime.pipeline`): this module says
+what is the projector's own (how a delivery is decoded, its log fields and span, the lanes that
+admit it, the policy above, how each outcome is settled on the broker, and what is counted).
+
 Each delivery runs in a task of the driver's; whatever escapes the policy above (a failure to
 park or settle that is not an outage) is contained here: logged, counted against the partition
 in the supervisor's table (readiness names a partition that keeps failing), and the message is
@@ -18,26 +22,21 @@ requeued after a pause, never lost and never acked unprojected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, ConsumerTag
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-)
 
-from cqrs_runtime import tracing
+from cqrs_runtime import pipeline, tracing
+from cqrs_runtime.pipeline import Decided, Item, Pipeline, Policy, Retry, SpanSpec, Verdict
 from cqrs_runtime.supervision import Supervisor
 from query_service.adapters.broker import ParkedQueueFullError
-from query_service.entrypoints.lanes import AggregateLanes
+from query_service.entrypoints.lanes import AggregateLanes, Turn
 from query_service.metrics import ProjectorMetrics
 from query_service.projections.envelope import MAX_BODY_BYTES, UnreadableMessage, parse_envelope
 from query_service.projections.envelope import as_uuid as _as_uuid
@@ -55,6 +54,13 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 FAILED_REQUEUE_PAUSE_SECONDS = 1.0
 
 EventHandler = Callable[[EventEnvelope], Awaitable[Outcome]]
+Delivery = Item[AbstractIncomingMessage, EventEnvelope]
+Decision = pipeline.Outcome[Projected]
+
+# What becomes of a delivery besides the outcomes of projecting it.
+BEHIND = "behind_earlier_event"  # requeued: projecting it now would overtake a requeued event
+LEFT = "left_to_next_consumer"  # its channel is being handed over: the broker requeues it
+HANDED_BACK = "handed_back"  # projected, but the ack did not reach the broker
 
 
 class Parker(Protocol):
@@ -99,7 +105,6 @@ class ProjectorConsumer:
         self._handler = handler
         self._parker = parker
         self._park_retry_seconds = park_retry_seconds
-        self._retry_policy = retry_policy
         self._max_body_bytes = max_body_bytes
         self._lanes = AggregateLanes()
         self._in_flight: set[asyncio.Task[Any]] = set()
@@ -107,6 +112,27 @@ class ProjectorConsumer:
         self._queue_of_tag: dict[str, str] = {}
         self._last_delivery: dict[str, float] = {}
         self._released: weakref.WeakSet[object] = weakref.WeakSet()
+        self._pipeline: Pipeline[AbstractIncomingMessage, EventEnvelope, Projected] = Pipeline(
+            decode=self._decode,
+            log_fields=_log_fields,
+            gate=self._admit,
+            span=_span,
+            handle=self._project,
+            policy=Policy(
+                retry=Retry(
+                    transient=retry_policy.transient_errors,
+                    attempts=retry_policy.attempts,
+                    initial_seconds=retry_policy.initial_seconds,
+                    max_seconds=retry_policy.max_seconds,
+                    announce=_log_retry,
+                ),
+                exhausted=_requeue_after_retries,
+                failed=_park_failure,
+            ),
+            settle=self._settle_decision,
+            span_outcome=_span_outcome,
+            record=self._record,
+        )
 
     async def start(self, queues: Sequence[AbstractQueue]) -> None:
         for queue in queues:
@@ -185,117 +211,103 @@ class ProjectorConsumer:
                 self._in_flight.discard(task)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        # Everything up to `lanes.join` must stay synchronous: tasks start in delivery order,
-        # and that order is the lane order only if no task yields before joining.
+        await self._pipeline.run([message])
+
+    # --- what the pipeline asks of this consumer ---------------------------------------------
+
+    def _decode(self, message: AbstractIncomingMessage) -> EventEnvelope:
         headers = dict(message.headers or {})
         try:
-            envelope = parse_envelope(message.body, headers, max_bytes=self._max_body_bytes)
+            return parse_envelope(message.body, headers, max_bytes=self._max_body_bytes)
         except UnreadableMessage as e:
-            aggregate_id = _as_uuid(headers.get(AGGREGATE_ID_HEADER))
-            with structlog.contextvars.bound_contextvars(
-                correlation_id=message.correlation_id,
-                message_id=message.message_id,
-                routing_key=message.routing_key,
-                aggregate_id=str(aggregate_id) if aggregate_id else None,
-            ):
-                await self._park(message, str(e))
-            return
+            raise Decided(pipeline.Outcome.park("parked", str(e))) from e
 
-        key = str(envelope.aggregate_id)
-        with structlog.contextvars.bound_contextvars(
-            correlation_id=envelope.metadata.correlation_id or message.correlation_id,
-            causation_id=envelope.metadata.causation_id,
-            event_id=str(envelope.event_id),
-            event_type=envelope.type,
-            aggregate_id=key,
-            version=envelope.version,
-            position=envelope.position,
-        ):
-            previous, turn = self._lanes.join(key)
-            try:
+    @contextlib.asynccontextmanager
+    async def _admit(self, batch: Sequence[Delivery]) -> AsyncIterator[list[Decision | None]]:
+        """Each aggregate's lane: its events one after another, in delivery order."""
+        # Synchronous up to the joins: tasks start in delivery order, and that order is the
+        # lane order only if no task yields before joining.
+        turns: dict[str, tuple[Turn | None, Turn]] = {}
+        for delivery in batch:
+            key = str(delivery.value.aggregate_id)
+            if key not in turns:
+                turns[key] = self._lanes.join(key)
+        try:
+            for previous, _ in turns.values():
                 if previous is not None:
                     await previous.wait()
-                if self._lanes.must_requeue(key, turn):
-                    # Projecting it now would jump ahead of a requeued earlier event.
-                    log.info("event_requeued_behind_earlier_event")
-                    await self._settle(message, requeue=True)
-                else:
-                    await self._project(message, envelope, key)
-            except asyncio.CancelledError:
-                # Unsettled, so the channel close requeues it; its successors must follow it.
+            yield [self._admission(delivery, turns) for delivery in batch]
+        except asyncio.CancelledError:
+            # Unsettled, so the channel close requeues it; its successors must follow it.
+            for key in turns:
                 self._lanes.hold_back(key)
-                raise
-            finally:
+            raise
+        finally:
+            for key, (_, turn) in turns.items():
                 self._lanes.leave(key, turn)
 
-    async def _project(
-        self, message: AbstractIncomingMessage, envelope: EventEnvelope, key: str
-    ) -> None:
-        if self._handed_back(message):
-            log.info("event_left_to_the_next_consumer")
-            return
-        with tracing.span(
-            f"project {envelope.type}",
-            parent=_trace_of(message, envelope),
-            kind="consumer",
-            attributes={
-                "cqrs.event_id": str(envelope.event_id),
-                "cqrs.event_type": envelope.type,
-                "cqrs.aggregate_id": key,
-                "cqrs.version": envelope.version,
-                "cqrs.position": envelope.position,
-            },
-        ) as span:
-            span.set("cqrs.outcome", await self._project_traced(message, envelope, key))
+    def _admission(
+        self, delivery: Delivery, turns: Mapping[str, tuple[Turn | None, Turn]]
+    ) -> Decision | None:
+        key = str(delivery.value.aggregate_id)
+        if self._lanes.must_requeue(key, turns[key][1]):
+            return pipeline.Outcome.requeue(BEHIND)
+        if self._handed_back(delivery.message):
+            return pipeline.Outcome.requeue(LEFT)
+        return None
 
-    async def _project_traced(
-        self, message: AbstractIncomingMessage, envelope: EventEnvelope, key: str
-    ) -> str:
-        """Project and settle; returns the outcome for the span."""
-        try:
-            outcome = await self._with_retries(envelope)
-        except self._retry_policy.transient_errors as e:
-            log.warning("event_requeued_after_transient_errors", error=repr(e))
-            await self._requeue(message, key)
-            return "requeued"
-        except Exception as e:
-            # A bug or an unexpected store error must not kill the consumer nor loop forever:
-            # the message is parked with the error, and the traceback goes to the log.
-            log.exception("projection_failed")
-            await self._park(message, f"projection failed: {type(e).__name__}: {e}", key)
-            return "parked"
+    async def _project(self, batch: Sequence[Delivery]) -> list[Decision]:
+        decisions: list[Decision] = []
+        for delivery in batch:
+            with delivery.scope():
+                outcome = await self._handler(delivery.value)
+            match outcome:
+                case Projected(applied=applied, duplicates=duplicates):
+                    status = (
+                        "projected" if applied else "duplicate" if duplicates else "not_projected"
+                    )
+                    decisions.append(pipeline.Outcome.ack(status, outcome))
+                case Rejected(reason=reason):
+                    decisions.append(pipeline.Outcome.park("parked", reason))
+        return decisions
 
-        match outcome:
-            case Projected(applied=applied, duplicates=duplicates):
-                if not await self._settle(message):
+    async def _settle_decision(self, delivery: Delivery, decision: Decision) -> Decision:
+        message = delivery.message
+        event = delivery.decoded
+        key = str(event.aggregate_id) if event is not None else None
+        if decision.verdict is Verdict.ACK:
+            if not await self._settle(message):
+                if key is not None:
                     self._lanes.hold_back(key)
-                    return "handed_back"
-                elif applied:
-                    self.metrics.count_projected(envelope.type, envelope.recorded_at)
-                    log.debug("event_projected", projections=list(applied))
-                    return "projected"
-                elif duplicates:
-                    self.metrics.duplicates += 1
-                    log.debug("event_duplicate_ignored", projections=list(duplicates))
-                    return "duplicate"
-                else:
-                    log.debug("event_not_projected")  # no read model wants it
-                    return "not_projected"
-            case Rejected(reason=reason):
-                await self._park(message, reason, key)
-                return "parked"
+                return pipeline.Outcome.requeue(HANDED_BACK)
+            projected = decision.result
+            if decision.status == "projected" and projected is not None:
+                log.debug("event_projected", projections=list(projected.applied))
+            elif decision.status == "duplicate" and projected is not None:
+                log.debug("event_duplicate_ignored", projections=list(projected.duplicates))
+            else:
+                log.debug("event_not_projected")  # no read model wants it
+        elif decision.verdict is Verdict.PARK:
+            await self._park(message, decision.reason or decision.status, key)
+        elif decision.status == BEHIND:
+            log.info("event_requeued_behind_earlier_event")
+            await self._settle(message, requeue=True)
+        elif decision.status == LEFT:
+            log.info("event_left_to_the_next_consumer")
+        elif decision.verdict is Verdict.REQUEUE:
+            await self._requeue(message, key)
+        else:
+            raise ValueError(f"the projector does not settle {decision.verdict}")
+        return decision
 
-    async def _with_retries(self, envelope: EventEnvelope) -> Outcome:
-        policy = self._retry_policy
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(policy.attempts),
-            wait=wait_exponential(multiplier=policy.initial_seconds, max=policy.max_seconds),
-            retry=retry_if_exception_type(policy.transient_errors),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
-        outcome: Outcome = await retrying(self._handler, envelope)
-        return outcome
+    def _record(self, delivery: Delivery, decision: Decision, seconds: float) -> None:
+        event = delivery.decoded
+        if event is None:
+            return
+        if decision.status == "projected":
+            self.metrics.count_projected(event.type, event.recorded_at)
+        elif decision.status == "duplicate":
+            self.metrics.duplicates += 1
 
     async def _park(
         self, message: AbstractIncomingMessage, reason: str, key: str | None = None
@@ -382,6 +394,60 @@ def _trace_of(message: AbstractIncomingMessage, envelope: EventEnvelope) -> Cont
     return tracing.extract(carrier)
 
 
-def _log_retry(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome is not None else None
-    log.warning("transient_error_retrying", attempt=state.attempt_number, error=repr(error))
+def _log_fields(message: AbstractIncomingMessage, event: EventEnvelope | None) -> dict[str, Any]:
+    if event is None:
+        aggregate_id = _as_uuid((message.headers or {}).get(AGGREGATE_ID_HEADER))
+        return {
+            "correlation_id": message.correlation_id,
+            "message_id": message.message_id,
+            "routing_key": message.routing_key,
+            "aggregate_id": str(aggregate_id) if aggregate_id else None,
+        }
+    return {
+        "correlation_id": event.metadata.correlation_id or message.correlation_id,
+        "causation_id": event.metadata.causation_id,
+        "event_id": str(event.event_id),
+        "event_type": event.type,
+        "aggregate_id": str(event.aggregate_id),
+        "version": event.version,
+        "position": event.position,
+    }
+
+
+def _span(message: AbstractIncomingMessage, event: EventEnvelope | None) -> SpanSpec | None:
+    if event is None:
+        return None  # started once the event is handed to the projections
+    return SpanSpec(
+        f"project {event.type}",
+        parent=_trace_of(message, event),
+        kind="consumer",
+        attributes={
+            "cqrs.event_id": str(event.event_id),
+            "cqrs.event_type": event.type,
+            "cqrs.aggregate_id": str(event.aggregate_id),
+            "cqrs.version": event.version,
+            "cqrs.position": event.position,
+        },
+    )
+
+
+def _span_outcome(decision: Decision) -> Mapping[str, tracing.AttributeValue | None]:
+    return {"cqrs.outcome": decision.status}
+
+
+def _log_retry(attempt: int, error: BaseException) -> None:
+    log.warning("transient_error_retrying", attempt=attempt, error=repr(error))
+
+
+def _requeue_after_retries(delivery: Delivery, decision: Decision) -> Decision:
+    log.warning("event_requeued_after_transient_errors", error=repr(decision.error))
+    return pipeline.Outcome.requeue("requeued", decision.reason, error=decision.error)
+
+
+def _park_failure(delivery: Delivery, error: Exception) -> Decision:
+    """A bug or an unexpected store error must not kill the consumer nor loop forever: the
+    message is parked with the error, and the traceback goes to the log."""
+    if delivery.decoded is None:
+        raise error  # not the projection's: contained around the delivery (`on_message`)
+    log.error("projection_failed", exc_info=error)
+    return pipeline.Outcome.park("parked", f"projection failed: {type(error).__name__}: {error}")
