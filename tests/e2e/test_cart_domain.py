@@ -1,5 +1,6 @@
 """A second domain through the real services: the cart (tests/domains/cart), loaded by
-`CQRS_DOMAINS` beside the ledger, both services as processes."""
+`CQRS_DOMAINS` beside the ledger, both services as processes: its commands, events, read model,
+route and rebuild."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def pair_env() -> dict[str, str]:
         "CQRS_DOMAINS": "ledger,tests.domains.cart",
         # The broker's guest sends as a client login: each domain's policy is asked.
         "CQRS_AUTHORIZATION": "on",
+        # A rebuild replays in pages of two events, so a page holds an item added and removed.
+        "CQRS_REBUILD_BATCH_SIZE": "2",
+        "CQRS_REBUILD_RETIRE_SECONDS": "0",
     }
 
 
@@ -120,6 +124,21 @@ async def test_a_second_domain_runs_beside_the_ledger(pair: Pair) -> None:
     assert account_view.status_code == 200
     assert (account_view.json()["balance"], account_view.json()["owner_id"]) == (1_250, "guest")
     assert "/carts/{cart_id}" in openapi["paths"] and "/accounts/{account_id}" in openapi["paths"]
+
+    async with httpx.AsyncClient(base_url=pair.api) as http:
+        # Its read model rebuilds from the event store like the ledger's, and ends the same.
+        started = await http.post("/admin/rebuilds", json={"read_models": ["carts"]})
+        assert started.status_code == 202, started.text
+        async with asyncio.timeout(30):
+            while True:
+                status = (await http.get("/admin/read-models/carts")).json()
+                if (status["rebuild"] or {}).get("state") == "failed":
+                    raise AssertionError(status)
+                if status["current"] == 2:
+                    break
+                await asyncio.sleep(0.2)
+        rebuilt = await http.get(f"/carts/{cart}")
+    assert rebuilt.json() == body
 
     async with httpx.AsyncClient() as http:
         commands = await scrape(http, f"{pair.command_http}/metrics")
