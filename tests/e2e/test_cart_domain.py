@@ -17,15 +17,19 @@ from shared.client import CommandClient
 from shared.ledger import DepositMoney, OpenAccount
 from tests.domains.cart.contracts import AddItem, RemoveItem
 from tests.e2e.conftest import Pair, stop
+from tests.e2e.test_cli import cqrs
 from tests.metrics_support import scrape, value
 
 pytestmark = pytest.mark.e2e
 
 
+DOMAINS = {"CQRS_DOMAINS": "ledger,tests.domains.cart"}
+
+
 @pytest.fixture
 def pair_env() -> dict[str, str]:
     return {
-        "CQRS_DOMAINS": "ledger,tests.domains.cart",
+        **DOMAINS,
         # The broker's guest sends as a client login: each domain's policy is asked.
         "CQRS_AUTHORIZATION": "on",
         # A rebuild replays in pages of two events, so a page holds an item added and removed.
@@ -148,5 +152,44 @@ async def test_a_second_domain_runs_beside_the_ledger(pair: Pair) -> None:
     assert value(commands, "cqrs_commands_total", type="AddItem", outcome="rejected") == 1
     assert value(projected, "cqrs_events_projected_total", event_type="ItemRemoved") == 1
     assert ready.status_code == 200, ready.text
+
+    assert dict(stop(pair)) == {"command_service": 0, "query_service": 0}
+
+
+async def test_the_cqrs_tool_sends_reads_and_rebuilds_the_cart(pair: Pair) -> None:
+    # The tool learns the cart's commands from CQRS_DOMAINS, its route from the API's OpenAPI
+    # document and its read model from the query service: nothing of the cart is in the tool.
+    help_text = await cqrs(pair, "send", "--help", env=DOMAINS)
+    assert "AddItem" in help_text.stdout and "RemoveItem" in help_text.stdout
+    added = await cqrs(
+        pair, "send", "AddItem", "sku=SHOE-42", "quantity=2", "unit_price=4999", "--json",
+        env=DOMAINS,
+    )  # fmt: skip
+    assert added.code == 0, added.stderr
+    cart = added.json()["aggregate_id"]
+    more = await cqrs(
+        pair, "send", "AddItem", "--id", cart, "sku=HAT-1", "quantity=1", "unit_price=1500",
+        "--json", env=DOMAINS,
+    )  # fmt: skip
+    refused = await cqrs(pair, "send", "RemoveItem", "--id", cart, "sku=SOCK-7", env=DOMAINS)
+    assert (more.code, more.json()["version"]) == (0, 3)
+    assert refused.code == 1 and "item_not_in_cart" in refused.stdout
+
+    routes = await cqrs(pair, "get")
+    got = await cqrs(pair, "get", "cart", cart, "min_version=3", "--json")
+    pretty = await cqrs(pair, "get", "cart", cart)
+    assert routes.code == 0 and "/carts/{cart_id}" in routes.stdout
+    assert got.code == 0, got.stderr
+    body = got.json()
+    assert [(i["sku"], i["quantity"]) for i in body["items"]] == [("HAT-1", 1), ("SHOE-42", 2)]
+    assert (body["total_amount"], body["version"]) == (11_498, 3)
+    assert pretty.code == 0 and "items (2)" in pretty.stdout
+
+    listed = await cqrs(pair, "rebuild")
+    rebuilt = await cqrs(pair, "rebuild", "carts", "--json")
+    assert listed.code == 1 and "carts" in listed.stderr  # names the read models it has
+    assert rebuilt.code == 0, rebuilt.stdout + rebuilt.stderr
+    after = await cqrs(pair, "get", "cart", cart, "--json")
+    assert after.json() == body
 
     assert dict(stop(pair)) == {"command_service": 0, "query_service": 0}

@@ -18,6 +18,7 @@ from query_service.service_layer.catalog import build_catalog
 from query_service.service_layer.projector import Projected, Rejected
 from query_service.settings import QueryServiceSettings
 from query_service.testing import EventStream, api_client, memory_database, project_events
+from shared.contracts import command_types, load_contracts
 from shared.ledger import OpenAccount
 from tests.domains.cart import command, query
 from tests.domains.cart.command import Cart
@@ -97,6 +98,16 @@ class TestCart:
     def test_the_contract_refuses_what_a_cart_cannot_hold(self, payload: dict[str, Any]) -> None:
         with pytest.raises(ValueError, match="validation error"):
             AddItem.model_validate(payload)
+
+
+def test_clients_learn_the_carts_commands_from_its_contracts() -> None:
+    commands = command_types(load_contracts(["ledger", "tests.domains.cart"]))
+
+    assert commands["AddItem"] is AddItem
+    assert (commands["RemoveItem"].aggregate_type, commands["OpenAccount"].aggregate_type) == (
+        CART,
+        "account",
+    )
 
 
 class TestWhoMaySend:

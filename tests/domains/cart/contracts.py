@@ -11,6 +11,7 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints
 
+from shared.contracts import DomainContracts
 from shared.messages import Command, Event
 
 CART = "cart"
@@ -61,3 +62,6 @@ class ItemRemoved(Event):
 
 COMMANDS: tuple[type[Command], ...] = (AddItem, RemoveItem)
 EVENTS: tuple[type[Event], ...] = (CartOpened, ItemAdded, ItemRemoved)
+
+# What clients (the `cqrs` tool) learn of the cart from `CQRS_DOMAINS`.
+contracts = DomainContracts(name="cart", commands=COMMANDS, events=EVENTS)
