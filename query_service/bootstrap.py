@@ -24,7 +24,7 @@ from query_service.adapters.mongo import (
     create_client,
 )
 from query_service.domain import QueryDomain, load_query_domains, read_models_of
-from query_service.entrypoints.api.app import create_app
+from query_service.entrypoints.api.app import check_api_routes, create_app
 from query_service.entrypoints.partitions import PartitionBalancer, PartitionSubscriptions
 from query_service.entrypoints.projector import (
     DEFAULT_RETRY_POLICY,
@@ -187,6 +187,8 @@ async def bootstrap(
     if domains is None:
         domains = load_query_domains(settings.domain_names)
     read_models = read_models_of(domains)
+    if settings.run_api:
+        check_api_routes(domains)  # here, before anything connects
     tolerate_invalid_utf8()
     supervisor = supervisor if supervisor is not None else Supervisor()
     supervisor.transient = TRANSIENT_ERRORS

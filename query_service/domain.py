@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fastapi import APIRouter
+from fastapi.routing import APIRoute
 
 from query_service.projections.read_model import ReadModel
 
@@ -50,7 +51,8 @@ def load_query_domains(names: Sequence[str]) -> list[QueryDomain]:
 
 
 def read_models_of(domains: Sequence[QueryDomain]) -> list[ReadModel]:
-    """Every read model of `domains`; two may not share a name or a collection."""
+    """Every read model of `domains`; no two may share a name or a collection, whether of one
+    domain or of two (the catalog would keep one of them, silently)."""
     found: list[ReadModel] = []
     owners: dict[str, str] = {}
     for domain in domains:
@@ -60,10 +62,36 @@ def read_models_of(domains: Sequence[QueryDomain]) -> list[ReadModel]:
                 *(f"collection {c!r}" for c in model.collections),
             ):
                 holder = owners.setdefault(key, domain.name)
-                if holder != domain.name or (key.startswith("read model") and model in found):
+                if holder != domain.name or model.name in {m.name for m in found}:
                     raise DomainSetupError(
                         f"{key} of domain {domain.name!r} is already defined by domain "
-                        f"{holder!r}: two domains may not share a name"
+                        f"{holder!r}: two read models may not share a name or a collection"
                     )
             found.append(model)
     return found
+
+
+FRAMEWORK = "the framework"
+
+
+def check_routes(routers: Sequence[tuple[str, APIRouter]]) -> None:
+    """No method and path served by two routes, no name given to two (`cqrs get` finds a route
+    by its name): FastAPI would serve whichever came first. `routers` pairs each router with
+    who brings it, a domain's name or `FRAMEWORK`."""
+    owners: dict[str, str] = {}
+    for owner, router in routers:
+        for route in router.routes:
+            if not isinstance(route, APIRoute):
+                continue
+            keys = [f"route {method} {route.path}" for method in sorted(route.methods or ())]
+            for key in [*keys, f"route name {route.name!r}"]:
+                holder = owners.setdefault(key, owner)
+                if holder != owner:
+                    raise DomainSetupError(
+                        f"{key} of {_who(owner)} is already served by {_who(holder)}: two "
+                        "routes may not share a method and path, or a name"
+                    )
+
+
+def _who(owner: str) -> str:
+    return owner if owner == FRAMEWORK else f"domain {owner!r}"

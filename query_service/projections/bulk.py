@@ -3,6 +3,9 @@
 A rebuild hands projections hundreds of events at once. Per aggregate, the consecutive events of
 a batch fold into one write: a new document built in memory for an aggregate the batch creates,
 or one update merging the events' updates, guarded by the version before the first of them.
+Where one update cannot say what two events do in order (a path both touch with different
+operators, a path and its parent, as `$set` of `count` then `$inc` of it: MongoDB refuses such
+an update), the run is cut there and its parts follow one another, each guarded.
 When a guard does not hold (the live projector or an earlier attempt got there first) or an
 insert collides, the batch is written again event by event with per-event guards, which skips
 what is already there; both ways end in the state applying the events one by one gives.
@@ -48,20 +51,43 @@ def skip_invalid(build: Callable[[EventEnvelope], T], envelope: EventEnvelope) -
         return None
 
 
+class CannotMergeError(ValueError):
+    """Two updates one MongoDB update cannot hold with their effect in order."""
+
+
+MERGED_OPERATORS = ("$set", "$unset", "$inc", "$min", "$max")
+
+
+def _clash(first: str, second: str) -> bool:
+    return first == second or second.startswith(f"{first}.") or first.startswith(f"{second}.")
+
+
 def merge_updates(first: Update, second: Update) -> dict[str, dict[str, Any]]:
-    """One update with the effect of `first` then `second` (`$set`, `$inc` and `$max` only)."""
+    """One update with the effect of `first` then `second` (`$set`, `$unset`, `$inc`, `$min`,
+    `$max`); `CannotMergeError` when one update cannot say that: a path the two touch with
+    different operators, a path and its parent, or values `$min`/`$max` cannot order here."""
     merged = {operator: dict(fields) for operator, fields in first.items()}
+    touched = {path: operator for operator, fields in first.items() for path in fields}
     for operator, fields in second.items():
+        if operator not in MERGED_OPERATORS:
+            raise CannotMergeError(f"cannot merge {operator}")
         target = merged.setdefault(operator, {})
         for path, value in fields.items():
-            if operator == "$set":
+            for other, by in touched.items():
+                if _clash(other, path) and (other, by) != (path, operator):
+                    raise CannotMergeError(
+                        f"cannot merge {operator} of {path!r} after {by} of {other!r}"
+                    )
+            if operator in ("$set", "$unset") or path not in target:
                 target[path] = value
             elif operator == "$inc":
-                target[path] = target.get(path, 0) + value
-            elif operator == "$max":
-                target[path] = value if path not in target else max(target[path], value)
+                target[path] = target[path] + value
+            elif type(value) is not type(target[path]):
+                raise CannotMergeError(f"cannot order {target[path]!r} and {value!r}")
             else:
-                raise ValueError(f"cannot merge {operator}")
+                pick = max if operator == "$max" else min
+                target[path] = pick(target[path], value)
+            touched[path] = operator
     return merged
 
 
@@ -72,8 +98,25 @@ def merge_all(updates: Iterable[Update]) -> dict[str, dict[str, Any]]:
     return merged
 
 
+def fold(updates: Sequence[Update]) -> list[tuple[int, dict[str, dict[str, Any]]]]:
+    """`updates` merged into as few as have their effect in order: (index of the first of
+    each part, the part's update)."""
+    parts: list[tuple[int, dict[str, dict[str, Any]]]] = []
+    for index, update in enumerate(updates):
+        if parts:
+            start, merged = parts[-1]
+            try:
+                parts[-1] = (start, merge_updates(merged, update))
+                continue
+            except CannotMergeError:
+                pass
+        parts.append((index, merge_all([update])))
+    return parts
+
+
 def apply_update(document: Mapping[str, Any], update: Update) -> dict[str, Any]:
-    """`update` (`$set`, `$inc`, `$max`, dotted paths) applied in memory to a copy of `document`."""
+    """`update` (`$set`, `$unset`, `$inc`, `$min`, `$max`, dotted paths) applied in memory to a
+    copy of `document`."""
     result: dict[str, Any] = copy.deepcopy(dict(document))
     for operator, fields in update.items():
         for path, value in fields.items():
@@ -83,10 +126,15 @@ def apply_update(document: Mapping[str, Any], update: Update) -> dict[str, Any]:
                 target = target.setdefault(part, {})
             if operator == "$set":
                 target[key] = copy.deepcopy(value)
+            elif operator == "$unset":
+                target.pop(key, None)
             elif operator == "$inc":
                 target[key] = target.get(key, 0) + value
             elif operator == "$max":
                 if key not in target or value > target[key]:
+                    target[key] = value
+            elif operator == "$min":
+                if key not in target or value < target[key]:
                     target[key] = value
             else:
                 raise ValueError(f"cannot apply {operator}")
@@ -146,6 +194,7 @@ async def write_steps(collection: AsyncCollection[Document], steps: Sequence[Ste
         return
     inserts: list[InsertOne[Document]] = []
     updates: list[UpdateOne] = []
+    later: list[UpdateOne] = []  # an aggregate's parts after its first, in order
     for aggregate, run in consecutive_runs(steps, lambda s: (s.aggregate_id, s.version)).items():
         if not run:
             continue
@@ -157,10 +206,15 @@ async def write_steps(collection: AsyncCollection[Document], steps: Sequence[Ste
             for step in run[1:]:
                 document = apply_update(document, step.guarded_update())
             inserts.append(InsertOne(document))
-        else:
-            combined = merge_all(step.guarded_update() for step in run)
-            updates.append(UpdateOne({"_id": aggregate, "version": first.version - 1}, combined))
-    if not await write_all_or_report(collection, inserts, updates):
+            continue
+        for part, (start, combined) in enumerate(fold([s.guarded_update() for s in run])):
+            guard = {"_id": aggregate, "version": run[start].version - 1}
+            (later if part else updates).append(UpdateOne(guard, combined))
+    complete = await write_all_or_report(collection, inserts, updates)
+    if complete and later:
+        result = await collection.bulk_write(later, ordered=True)
+        complete = result.matched_count == len(later)
+    if not complete:
         await collection.bulk_write([step.per_event() for step in steps], ordered=True)
 
 

@@ -65,8 +65,19 @@ async def _command_partitions_consumed(amqp_url: str) -> bool:
 
 
 @pytest.fixture
+def pair_env() -> dict[str, str]:
+    """More `CQRS_*` settings for both processes of `pair`; a test module overrides it."""
+    return {}
+
+
+@pytest.fixture
 async def pair(
-    broker: str, pg_dsn: str, mongo_db: str, services: Services, tmp_path: Path
+    broker: str,
+    pg_dsn: str,
+    mongo_db: str,
+    services: Services,
+    tmp_path: Path,
+    pair_env: dict[str, str],
 ) -> AsyncIterator[Pair]:
     port, command_port = free_port(), free_port()
     env = {
@@ -80,6 +91,7 @@ async def pair(
         # These tests publish raw messages without user_id (anonymous) as the broker's guest;
         # who may do what is tested in tests/integration/test_authorization.py.
         "CQRS_AUTHORIZATION": "off",
+        **pair_env,
     }
     processes, logs = {}, {}
     # CQRS_HTTP_PORT is read by both services: each gets its own.

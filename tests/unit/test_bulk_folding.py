@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from query_service.projections.bulk import apply_update, consecutive_runs, merge_all, merge_updates
+from query_service.projections.bulk import (
+    CannotMergeError,
+    apply_update,
+    consecutive_runs,
+    fold,
+    merge_all,
+    merge_updates,
+)
 
 DOCUMENT: dict[str, Any] = {
     "balance": 10,
@@ -45,9 +52,45 @@ def test_apply_update_leaves_its_input_alone() -> None:
     assert before == {"accounts": {"a": {"balance": 1}}}
 
 
-def test_only_set_inc_and_max_are_merged() -> None:
-    with pytest.raises(ValueError, match=r"\$unset"):
-        merge_updates({"$set": {"a": 1}}, {"$unset": {"a": ""}})
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({"$set": {"a": 1}}, {"$unset": {"a": ""}}),
+        ({"$set": {"a": 0}}, {"$inc": {"a": 1}}),
+        ({"$set": {"a": {"b": 1}}}, {"$inc": {"a.b": 1}}),
+        ({"$inc": {"a.b": 1}}, {"$set": {"a": {}}}),
+        ({"$max": {"a": 1}}, {"$max": {"a": "x"}}),
+        ({"$set": {"a": 1}}, {"$rename": {"a": "b"}}),
+    ],
+)
+def test_updates_one_update_cannot_hold_in_order_are_not_merged(
+    first: dict[str, Any], second: dict[str, Any]
+) -> None:
+    with pytest.raises(CannotMergeError):
+        merge_updates(first, second)
+
+
+def test_a_fold_cuts_where_a_merge_cannot_hold_the_order() -> None:
+    updates: list[dict[str, dict[str, Any]]] = [
+        {"$inc": {"n": 2}, "$set": {"v": 1}},
+        {"$inc": {"n": 3}, "$set": {"v": 2}},
+        {"$set": {"n": 0, "v": 3}},
+        {"$set": {"tags.a": {"n": 0}}, "$min": {"low": 4}},
+        {"$inc": {"tags.a.n": 1}, "$unset": {"gone": ""}, "$min": {"low": 2}},
+    ]
+
+    parts = fold(updates)
+
+    assert [start for start, _ in parts] == [0, 2, 4]
+    assert parts[0][1] == {"$inc": {"n": 5}, "$set": {"v": 2}}
+    assert parts[1][1] == {"$set": {"n": 0, "v": 3, "tags.a": {"n": 0}}, "$min": {"low": 4}}
+    one_by_one: dict[str, Any] = {"n": 1, "gone": 1}
+    for update in updates:
+        one_by_one = apply_update(one_by_one, update)
+    folded: dict[str, Any] = {"n": 1, "gone": 1}
+    for _, update in parts:
+        folded = apply_update(folded, update)
+    assert folded == one_by_one == {"n": 0, "v": 3, "tags": {"a": {"n": 1}}, "low": 2}
 
 
 def test_runs_drop_repeats_and_stop_at_a_gap() -> None:

@@ -13,7 +13,13 @@ from pymongo.asynchronous.database import AsyncDatabase
 from cqrs_runtime.supervision import Supervisor
 from query_service.adapters import broker as amqp
 from query_service.adapters.mongo import create_client
-from query_service.domain import QueryDomain, load_query_domains, read_models_of
+from query_service.domain import (
+    FRAMEWORK,
+    QueryDomain,
+    check_routes,
+    load_query_domains,
+    read_models_of,
+)
 from query_service.entrypoints.api.admin import RebuildRunner, admin
 from query_service.entrypoints.api.auth import require_token
 from query_service.entrypoints.api.errors import (
@@ -38,6 +44,18 @@ from query_service.service_layer.catalog import ReadModelCatalog, build_catalog
 from query_service.settings import QueryServiceSettings
 
 
+def check_api_routes(domains: Sequence[QueryDomain]) -> None:
+    """Refuse (`DomainSetupError`) a route of `domains` that clashes with another's or with
+    the framework's own."""
+    check_routes(
+        [
+            (FRAMEWORK, probes),
+            *((domain.name, domain.routes) for domain in domains if domain.routes is not None),
+            (FRAMEWORK, admin),
+        ]
+    )
+
+
 def create_app(
     settings: QueryServiceSettings,
     *,
@@ -53,6 +71,7 @@ def create_app(
     if domains is None:
         domains = load_query_domains(settings.domain_names)
     read_models = read_models_of(domains)
+    check_api_routes(domains)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
