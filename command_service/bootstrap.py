@@ -19,11 +19,11 @@ from command_service.adapters.relay import RELAY_SUBSCRIPTION, EventPublisher
 from command_service.adapters.subscription import RECOVERABLE_ERRORS, Subscription
 from command_service.entrypoints.commands import CommandConsumer
 from command_service.entrypoints.http import HttpEndpoint, Vitals, create_app, replica_name, serve
-from command_service.entrypoints.replay import ReplayServer
+from command_service.entrypoints.replay_server import ReplayServer
 from command_service.metrics import CommandMetrics
 from command_service.model.authorization import AuthorizationPolicy
 from command_service.model.domain import CommandDomain, load_command_domains
-from command_service.service_layer.authorization import authorization
+from command_service.service_layer.access_control import authorization
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.process_managers import ProcessManagerRunner
 from command_service.service_layer.registry import CommandRegistry

@@ -25,12 +25,12 @@ from query_service.adapters.mongo import (
 )
 from query_service.domain import QueryDomain, load_query_domains, read_models_of
 from query_service.entrypoints.api.app import check_api_routes, create_app
-from query_service.entrypoints.partitions import PartitionBalancer, PartitionSubscriptions
-from query_service.entrypoints.projector import (
+from query_service.entrypoints.event_consumer import (
     DEFAULT_RETRY_POLICY,
     ProjectorConsumer,
     RetryPolicy,
 )
+from query_service.entrypoints.partitions import PartitionBalancer, PartitionSubscriptions
 from query_service.metrics import ProjectorMetrics
 from query_service.projections.store import TRANSIENT_ERRORS, Document
 from query_service.service_layer.catalog import ReadModelCatalog, build_catalog

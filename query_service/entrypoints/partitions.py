@@ -25,7 +25,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from cqrs_runtime.supervision import Supervisor, mark_healthy
 from query_service.adapters import broker
-from query_service.entrypoints.projector import ProjectorConsumer
+from query_service.entrypoints.event_consumer import ProjectorConsumer
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 

@@ -29,7 +29,7 @@ from command_service.bootstrap import CommandService, start
 from command_service.domains.ledger.account import Account
 from command_service.entrypoints import http as http_module
 from command_service.entrypoints.commands import CommandConsumer
-from command_service.entrypoints.replay import ReplayServer
+from command_service.entrypoints.replay_server import ReplayServer
 from command_service.service_layer.process_managers import ProcessManagerRunner
 from command_service.settings import CommandServiceSettings
 from cqrs_runtime.supervision import Backoff, Supervisor

@@ -18,7 +18,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from cqrs_cli.parked_command import list_parked, replay_parked
 from query_service.adapters.mongo import create_client
-from query_service.adapters.replay import AmqpReplaySource
+from query_service.adapters.replay_source import AmqpReplaySource
 from query_service.bootstrap import start_projector
 from query_service.entrypoints.api.app import create_app
 from query_service.projections.store import Document

@@ -16,8 +16,8 @@ import pytest
 from cqrs_runtime.supervision import Backoff, Supervisor
 from query_service.adapters.mongo import MongoCheckpoints
 from query_service.bootstrap import QueryService, bootstrap
+from query_service.entrypoints.event_consumer import ProjectorConsumer
 from query_service.entrypoints.partitions import PartitionBalancer
-from query_service.entrypoints.projector import ProjectorConsumer
 from query_service.settings import QueryServiceSettings
 from shared.topology import EVENTS_EXCHANGE
 from tests.conftest import Services

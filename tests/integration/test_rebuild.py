@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from query_service.adapters.mongo import create_client
-from query_service.adapters.replay import (
+from query_service.adapters.replay_source import (
     AmqpReplaySource,
     ReplayTimeoutError,
     ReplayUnavailableError,

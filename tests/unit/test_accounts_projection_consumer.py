@@ -12,8 +12,8 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from pymongo.errors import AutoReconnect
 
+from query_service.entrypoints.event_consumer import ProjectorConsumer, RetryPolicy
 from query_service.entrypoints.lanes import AggregateLanes
-from query_service.entrypoints.projector import ProjectorConsumer, RetryPolicy
 from query_service.projections.envelope import UnreadableMessage, parse_envelope
 from query_service.service_layer.projector import Outcome, Projected, Rejected
 from shared.ledger import MoneyDeposited

@@ -11,7 +11,7 @@ import pytest
 from command_service.domains import ledger
 from command_service.domains.ledger.account import Account
 from command_service.model.authorization import Actor, Forbidden
-from command_service.service_layer.authorization import authorization
+from command_service.service_layer.access_control import authorization
 from command_service.testing import scenario
 from query_service.projections.document import DocumentReadModel
 from query_service.service_layer.catalog import build_catalog

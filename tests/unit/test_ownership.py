@@ -15,7 +15,7 @@ from command_service.domains import ledger
 from command_service.domains.ledger.account import Account
 from command_service.model.aggregate import Aggregate, DomainError
 from command_service.model.authorization import Actor, AggregateLoader, Forbidden
-from command_service.service_layer.authorization import authorization
+from command_service.service_layer.access_control import authorization
 from command_service.service_layer.handlers import handle_command
 from command_service.service_layer.registry import CommandRegistry
 from command_service.settings import CommandServiceSettings

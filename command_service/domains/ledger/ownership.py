@@ -1,7 +1,7 @@
 """The ledger's authorization policy: a client acts only on the accounts it owns.
 
 Asked by the framework for client logins only (privileged logins, process managers' steps and
-anonymous commands are settled before, see `command_service.service_layer.authorization`):
+anonymous commands are settled before, see `command_service.service_layer.access_control`):
 
 - A client may open an account only with `owner_id` equal to its login, and deposit into,
   withdraw from, freeze, unfreeze or close an account only when the account's `owner_id` is its

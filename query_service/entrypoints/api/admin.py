@@ -124,7 +124,7 @@ class RebuildRunner:
 
     async def start(self, read_models: list[str]) -> str:
         # Imported here: the replay adapter is only needed when a rebuild runs.
-        from query_service.adapters.replay import AmqpReplaySource
+        from query_service.adapters.replay_source import AmqpReplaySource
         from query_service.service_layer.rebuild import Rebuild
 
         settings = self._settings
