@@ -26,7 +26,7 @@ import contextlib
 import contextvars
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,10 +252,14 @@ def _now() -> float:
 
 
 class TaskFailuresCollector(Collector):
-    """`cqrs_task_failures_total{task}` from a supervisor's table, when scraped."""
+    """`cqrs_task_failures_total{task}` from a supervisor's table, when scraped; `elsewhere`
+    adds the counts of another process's supervisor (one this process reports for)."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(
+        self, supervisor: Supervisor, elsewhere: Callable[[], Mapping[str, int]] | None = None
+    ) -> None:
         self._supervisor = supervisor
+        self._elsewhere = elsewhere
 
     def collect(self) -> Iterable[Metric]:
         family = CounterMetricFamily(
@@ -263,6 +267,9 @@ class TaskFailuresCollector(Collector):
             "Failures of a supervised long-lived task (restarted with backoff), by task",
             labels=["task"],
         )
-        for task, count in sorted(self._supervisor.failures_total.items()):
+        counts = Counter(self._supervisor.failures_total)
+        if self._elsewhere is not None:
+            counts.update(self._elsewhere())
+        for task, count in sorted(counts.items()):
             family.add_metric([task], count)
         yield family

@@ -25,6 +25,7 @@ from query_service.adapters.mongo import (
 )
 from query_service.domain import QueryDomain, load_query_domains, read_models_of
 from query_service.entrypoints.api.app import check_api_routes, create_app
+from query_service.entrypoints.api_processes import ProjectorLink
 from query_service.entrypoints.event_consumer import (
     DEFAULT_RETRY_POLICY,
     ProjectorConsumer,
@@ -159,6 +160,7 @@ class QueryService:
     projector: ProjectorRuntime | None
     app: FastAPI | None
     supervisor: Supervisor
+    metrics: ProjectorMetrics | None = None
 
     async def stop_projector(self, grace_seconds: float = 10.0) -> None:
         if self.projector is not None:
@@ -180,10 +182,12 @@ async def bootstrap(
     *,
     domains: Sequence[QueryDomain] | None = None,
     supervisor: Supervisor | None = None,
+    projector_link: ProjectorLink | None = None,
 ) -> QueryService:
     """Build the service over `domains` (by default the ones `CQRS_DOMAINS` names): one MongoDB
     client shared by the projector and the API, and one supervisor for every long-lived task
-    of both. A clash between two domains stops it here."""
+    of both. A clash between two domains stops it here. `projector_link`: this process serves
+    the API beside a projector in its parent process (`entrypoints/api_processes.py`)."""
     if domains is None:
         domains = load_query_domains(settings.domain_names)
     read_models = read_models_of(domains)
@@ -209,7 +213,12 @@ async def bootstrap(
         raise
     app = (
         create_app(
-            settings, domains=domains, catalog=catalog, metrics=metrics, supervisor=supervisor
+            settings,
+            domains=domains,
+            catalog=catalog,
+            metrics=metrics,
+            supervisor=supervisor,
+            projector_link=projector_link,
         )
         if settings.run_api
         else None
@@ -221,4 +230,5 @@ async def bootstrap(
         projector=projector,
         app=app,
         supervisor=supervisor,
+        metrics=metrics,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -97,13 +97,17 @@ class QueryMetrics:
     """The metrics one query-service app serves at `/metrics`."""
 
     def __init__(
-        self, projector: ProjectorMetrics | None = None, supervisor: Supervisor | None = None
+        self,
+        projector: ProjectorMetrics | None = None,
+        supervisor: Supervisor | None = None,
+        *,
+        task_failures_elsewhere: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         if projector is not None:
             self.registry.register(ProjectorCollector(projector))
         if supervisor is not None:
-            self.registry.register(TaskFailuresCollector(supervisor))
+            self.registry.register(TaskFailuresCollector(supervisor, task_failures_elsewhere))
         self.projection_lag_events = Gauge(
             "cqrs_projection_lag_events",
             "Events waiting in the projector's partition queues (refreshed when scraped)",

@@ -103,6 +103,14 @@ class QueryServiceSettings(CommonSettings):
     )
     run_projector: bool = Field(default=True, description="run the projector in this process")
     run_api: bool = Field(default=True, description="run the HTTP API in this process")
+    api_processes: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="with the projector and the API both on: processes that serve the API, "
+        "started and supervised by the projector's and sharing its port, so a read never waits "
+        "behind projection work (`0`: the API in the projector's own event loop)",
+    )
     projector_gap_attempts: int = Field(
         default=5,
         ge=1,

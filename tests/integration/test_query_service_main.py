@@ -1,4 +1,8 @@
-"""`python -m query_service` as a process: events in over AMQP, account out over HTTP, exit 0."""
+"""`python -m query_service` as a process: events in over AMQP, account out over HTTP, exit 0.
+
+By default the API runs in a child process of the projector's: a read is answered while the
+projector's process is stopped, a killed API process is started again, and `/metrics` shows
+the projector's counters and the supervisor's count of the API process's failures."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import pytest
 from shared.ledger import MoneyWithdrawn
 from shared.topology import EVENTS_EXCHANGE
 from tests.conftest import Services
+from tests.metrics_support import scrape, value
 from tests.query_support import envelope, eventually, opened_account, publish
 
 pytestmark = pytest.mark.integration
@@ -97,3 +102,121 @@ async def test_projects_serves_and_exits_cleanly_on_sigterm(
     assert (account["owner_id"], account["currency"], account["balance"]) == ("erin", "SEK", 380)
     service.process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(service.process.wait(), timeout=20) == 0
+
+
+def children_of(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.extend(int(child) for child in (task / "children").read_text().split())
+    return sorted(found)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status").read_text()
+    return "\nState:\tZ" not in status
+
+
+async def project_account(service: RunningService, http: httpx.AsyncClient) -> str:
+    """Wait until the service answers, publish an account's events, wait until it is shown."""
+
+    async def health() -> int:
+        try:
+            return (await http.get("/healthz")).status_code
+        except httpx.TransportError:
+            return 0
+
+    await eventually(health, lambda status: status == 200)
+    account_id = uuid4()
+    connection = await aio_pika.connect(service.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        events = await channel.get_exchange(EVENTS_EXCHANGE)
+        for event in [
+            *opened_account(account_id, owner_id="fay", currency="EUR", deposit=50),
+            envelope(account_id, 3, MoneyWithdrawn(amount=20)),
+        ]:
+            await publish(events, event)
+    url = f"/accounts/{account_id}"
+
+    async def version() -> int:
+        response = await http.get(url)
+        return int(response.json()["version"]) if response.status_code == 200 else 0
+
+    await eventually(version, lambda found: found == 3)
+    return url
+
+
+async def test_reads_are_answered_while_the_projectors_process_is_stopped(
+    service: RunningService,
+) -> None:
+    async with httpx.AsyncClient(base_url=service.http_url, timeout=5) as http:
+        url = await project_account(service, http)
+        [api_process] = children_of(service.process.pid)
+        # The projector's counters, reported by its process, are on the API's /metrics.
+        samples = await scrape(http)
+        assert value(samples, "cqrs_events_projected_total", event_type="MoneyWithdrawn") == 1
+        ready = (await http.get("/readyz")).json()
+        assert ready["checks"]["projector"]["ok"] is True, ready
+        assert ready["detail"]["projector"]["projected"] >= 3, ready
+
+        service.process.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(20):
+                response = await http.get(url)
+                assert response.status_code == 200 and response.json()["balance"] == 30
+            # /metrics answers too, with the last report it has.
+            samples = await scrape(http)
+            assert value(samples, "cqrs_events_projected_total", event_type="MoneyWithdrawn") == 1
+        finally:
+            service.process.send_signal(signal.SIGCONT)
+
+    service.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(service.process.wait(), timeout=30) == 0
+    assert not alive(api_process)
+
+
+async def test_a_killed_api_process_is_started_again_and_counted(
+    service: RunningService,
+) -> None:
+    async with httpx.AsyncClient(base_url=service.http_url, timeout=5) as http:
+        url = await project_account(service, http)
+        [first] = children_of(service.process.pid)
+        os.kill(first, signal.SIGKILL)
+
+        async def replaced() -> list[int]:
+            return [pid for pid in children_of(service.process.pid) if pid != first]
+
+        [second] = await eventually(replaced, lambda found: len(found) == 1)
+
+        async def shown() -> int:
+            try:
+                return (await http.get(url)).status_code
+            except httpx.TransportError:
+                return 0
+
+        await eventually(shown, lambda status: status == 200)
+        samples = await scrape(http)
+        assert value(samples, "cqrs_task_failures_total", task="api-process-0") == 1
+
+    service.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(service.process.wait(), timeout=30) == 0
+    assert not alive(second)
+
+
+async def test_api_processes_stop_when_the_projectors_process_is_killed(
+    service: RunningService,
+) -> None:
+    async with httpx.AsyncClient(base_url=service.http_url, timeout=5) as http:
+        await project_account(service, http)
+    [api_process] = children_of(service.process.pid)
+    service.process.kill()
+    await service.process.wait()
+
+    async def running() -> bool:
+        return alive(api_process)
+
+    assert await eventually(running, lambda found: not found) is False

@@ -38,6 +38,7 @@ from query_service.entrypoints.api.limits import (
 )
 from query_service.entrypoints.api.probes import probes
 from query_service.entrypoints.api.timing import RequestTimer
+from query_service.entrypoints.api_processes import ProjectorLink
 from query_service.metrics import ProjectorMetrics, QueryMetrics
 from query_service.projections.store import TRANSIENT_ERRORS, Document
 from query_service.service_layer.catalog import ReadModelCatalog, build_catalog
@@ -64,10 +65,15 @@ def create_app(
     catalog: ReadModelCatalog | None = None,
     metrics: ProjectorMetrics | None = None,
     supervisor: Supervisor | None = None,
+    projector_link: ProjectorLink | None = None,
 ) -> FastAPI:
     """The API app over `domains` (by default the ones `CQRS_DOMAINS` names). Given `database`
     (or `catalog`), the caller owns its client; otherwise the app's lifespan opens a MongoDB
-    client from `settings` and closes it on shutdown."""
+    client from `settings` and closes it on shutdown. Given `projector_link` (the API runs in a
+    process of its own beside the projector's), `/metrics` and `/readyz` show that projector as
+    its reports tell."""
+    if projector_link is not None:
+        metrics = projector_link.reports.metrics
     if domains is None:
         domains = load_query_domains(settings.domain_names)
     read_models = read_models_of(domains)
@@ -100,7 +106,14 @@ def create_app(
     app = FastAPI(title="cqrs query API", version="0.3.0", lifespan=lifespan)
     supervisor = supervisor if supervisor is not None else Supervisor()
     app.state.supervisor = supervisor
-    prometheus = QueryMetrics(projector=metrics, supervisor=supervisor)
+    app.state.projector_link = projector_link
+    prometheus = QueryMetrics(
+        projector=metrics,
+        supervisor=supervisor,
+        task_failures_elsewhere=(
+            None if projector_link is None else lambda: projector_link.reports.failures_total
+        ),
+    )
     app.state.prometheus = prometheus
     app.state.read_waits = ReadWaits(settings.read_wait_max_waiters, prometheus=prometheus)
     # Each one added wraps the ones before: the last is the outermost.

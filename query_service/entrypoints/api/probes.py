@@ -34,6 +34,7 @@ from pymongo.errors import (
 from query_service.adapters import broker as amqp
 from query_service.adapters.mongo import CHECKPOINTS_COLLECTION, MongoCheckpoints
 from query_service.entrypoints.api.dependencies import Catalog, Settings
+from query_service.entrypoints.api_processes import ProjectorLink
 from query_service.metrics import ProjectorMetrics, QueryMetrics
 from query_service.settings import QueryServiceSettings
 from shared.topology import PROJECTOR_PARKED_QUEUE, projector_partition_queue
@@ -73,6 +74,7 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
     """MongoDB and RabbitMQ answer, and the projection lag is under `CQRS_READYZ_MAX_LAG`."""
     checks: dict[str, Any] = {}
     detail: dict[str, Any] = {}
+    await _refresh_projector_reports(request)
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
             await catalog.database.command("ping")
@@ -115,6 +117,15 @@ async def readyz(request: Request, catalog: Catalog, settings: Settings) -> JSON
             "requeued": metrics.requeued,
         }
     checks["tasks"] = request.app.state.supervisor.readiness()
+    link: ProjectorLink | None = request.app.state.projector_link
+    if link is not None:
+        # The projector runs in the parent process: its tasks count here as this one's do.
+        checks["projector"] = link.reports.readiness()
+        if link.reports.failing:
+            checks["tasks"] = {
+                "ok": False,
+                "failing": [*checks["tasks"]["failing"], *link.reports.failing],
+            }
     ready = all(check.get("ok") for check in checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks, detail=detail)
     return JSONResponse(status_code=200 if ready else 503, content=body.model_dump(mode="json"))
@@ -159,6 +170,7 @@ def broker_reason(error: BaseException) -> str:
 async def metrics(request: Request, settings: Settings) -> Response:
     """Prometheus metrics; the projection lag in events is measured now, from the broker."""
     prometheus = _prometheus(request)
+    await _refresh_projector_reports(request)
     try:
         depths = await _queue_depths(request, _partition_queues(settings))
         prometheus.projection_lag_events.set(sum(depths.values()))
@@ -167,6 +179,12 @@ async def metrics(request: Request, settings: Settings) -> Response:
         prometheus.projection_lag_events.set(math.nan)
         log.debug("metrics_lag_unknown", error=repr(e))
     return Response(prometheus.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _refresh_projector_reports(request: Request) -> None:
+    link: ProjectorLink | None = request.app.state.projector_link
+    if link is not None:
+        await link.refresh()
 
 
 def _partition_queues(settings: QueryServiceSettings) -> list[str]:
