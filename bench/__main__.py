@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--runs N] [--json PATH]`: measure, print the table, write JSON.
+"""`python -m bench [--quick] [--runs N] [--json PATH] [--baseline DIR]`: measure, print the
+table, write JSON.
 
 The servers come from `CQRS_BENCH_AMQP_URL` (a vhost of its own), `CQRS_BENCH_POSTGRES_DSN`
 (server level) and `CQRS_BENCH_MONGO_URL`; `scripts/bench` sets them up and runs this.
@@ -62,7 +63,7 @@ def _loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
-async def machine(servers: Servers, source: Path) -> dict[str, Any]:
+async def machine(servers: Servers, source: Path, baseline: Path | None) -> dict[str, Any]:
     connection = await asyncpg.connect(servers.postgres_dsn)
     try:
         postgres = str(await connection.fetchval("SHOW server_version"))
@@ -88,6 +89,12 @@ async def machine(servers: Servers, source: Path) -> dict[str, Any]:
     if source != REPO_ROOT:
         commit += f" in {source}"
     return {
+        "baseline": (
+            None
+            if baseline is None
+            else (_command_output("git", "rev-parse", "--short", "HEAD", cwd=baseline) or "?")
+            + f" in {baseline}"
+        ),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": os.cpu_count(),
         "cpu_model": _cpu_model(),
@@ -125,7 +132,7 @@ async def _attempt(
 
 async def run(plan: Plan, servers: Servers, run_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
-        "meta": await machine(servers, plan.source),
+        "meta": await machine(servers, plan.source, plan.baseline),
         "plan": dataclasses.asdict(plan),
         "runs": [],
         "errors": [],
@@ -147,6 +154,24 @@ async def run(plan: Plan, servers: Servers, run_dir: Path) -> dict[str, Any]:
                 errors,
                 f"run {index + 1} naive",
                 measure_naive(servers, plan, directory, seed=index),
+            )
+        if plan.baseline is not None:
+            # Before the project in every run: the two interleave over the runs.
+            replicas = plan.replicas[0]
+            _progress(f"run {index + 1}/{plan.runs}: the baseline, {replicas} replica(s)")
+            one["quiet"]["baseline"] = await wait_quiet(plan.quiet_wait_seconds)
+            one["baseline"] = await _attempt(
+                errors,
+                f"run {index + 1} baseline x{replicas}",
+                measure_project(
+                    servers,
+                    dataclasses.replace(plan, source=plan.baseline),
+                    replicas,
+                    directory / "baseline",
+                    seed=index,
+                    profile=False,
+                    rebuild=False,
+                ),
             )
         for replicas in plan.replicas:
             _progress(
@@ -214,6 +239,12 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="measure the services of another checkout (e.g. a git worktree with a change)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (the code before a change) measured in every run beside this "
+        "one, with the first replica count: the ratios to it are taken within each run",
+    )
     args = parser.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -226,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         replicas=tuple(args.replicas) if args.replicas else None,
         source=args.source,
         references=not args.no_references,
+        baseline=args.baseline,
     )
     servers = Servers.from_env()
     configure_logging("WARNING")  # the project's modules used here (migrations) log at INFO

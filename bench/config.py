@@ -57,6 +57,9 @@ class Plan:
     quick: bool  # the CI smoke: the numbers mean nothing
     source: Path = REPO_ROOT  # the checkout whose services are measured
     references: bool = True  # the raw limits and the naive pipeline (off: the project only)
+    # Another checkout (the code before a change) measured in every run beside `source`, with
+    # the first replica count, for ratios within each run; None: no baseline.
+    baseline: Path | None = None
 
 
 DEFAULT = Plan(
@@ -117,6 +120,7 @@ def plan_for(
     replicas: tuple[int, ...] | None,
     source: Path | None = None,
     references: bool = True,
+    baseline: Path | None = None,
 ) -> Plan:
     base = QUICK if quick else DEFAULT
     changes: dict[str, object] = {"profile": profile, "references": references}
@@ -130,4 +134,6 @@ def plan_for(
         changes["replicas"] = replicas
     if source is not None:
         changes["source"] = source.resolve()
+    if baseline is not None:
+        changes["baseline"] = baseline.resolve()
     return replace(base, **changes)  # type: ignore[arg-type]

@@ -47,6 +47,23 @@ def memory_kib(pid: int) -> dict[str, int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and theirs (the query service's API processes)."""
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found.extend([child, *descendants(child)])
+    return found
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
     with open("/proc/stat", encoding="ascii") as f:
@@ -175,11 +192,21 @@ class ServiceProcess:
     def running(self) -> bool:
         return self.process.returncode is None
 
+    @property
+    def pids(self) -> list[int]:
+        """This process and the ones it started: a replica's whole CPU and memory."""
+        return [self.pid, *descendants(self.pid)]
+
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid) or 0.0
+        return sum(cpu_seconds(pid) or 0.0 for pid in self.pids)
 
     def sample_memory(self) -> dict[str, int]:
-        found = memory_kib(self.pid)
+        """VmRSS and VmHWM summed over the replica's processes (the peaks are each process's
+        own, so their sum is an upper bound of the replica's)."""
+        found: dict[str, int] = {}
+        for pid in self.pids:
+            for key, kib in memory_kib(pid).items():
+                found[key] = found.get(key, 0) + kib
         self.peak_rss_kib = max(self.peak_rss_kib, found.get("VmHWM", 0))
         return found
 

@@ -29,6 +29,9 @@ import aio_pika
 import asyncpg
 import httpx
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from prometheus_client.parser import text_string_to_metric_families
+from pymongo import AsyncMongoClient
+from pymongo.errors import PyMongoError
 
 from bench import profiling
 from bench.config import Plan, Servers
@@ -221,8 +224,8 @@ class Deployment:
 
     def cpu_window(self, servers: ServerGroups) -> CpuWindow:
         groups: dict[str, list[int]] = {
-            "command_service": [p.pid for p in self.commands],
-            "query_service": [p.pid for p in self.queries],
+            "command_service": [pid for p in self.commands for pid in p.pids],
+            "query_service": [pid for p in self.queries for pid in p.pids],
             "bench": [os.getpid()],
         }
         groups.update(servers.pids())
@@ -450,6 +453,90 @@ async def measure_rebuild(http: httpx.AsyncClient, api: str, timeout: float) -> 
     }
 
 
+READ_MODEL_WRITES = "cqrs_read_model_writes_total"
+EVENTS_PROJECTED = "cqrs_events_projected_total"
+
+
+async def mongo_opcounters(mongo_url: str) -> dict[str, int] | None:
+    """The server's `serverStatus` opcounters (None when it has none)."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
+    try:
+        status = await client.admin.command("serverStatus")
+    except PyMongoError:
+        return None
+    finally:
+        await client.close()
+    counters = status.get("opcounters")
+    if not isinstance(counters, dict):
+        return None
+    return {key: int(value) for key, value in counters.items() if isinstance(value, int | float)}
+
+
+async def scrape_sums(
+    http: httpx.AsyncClient, apis: list[str], names: tuple[str, ...]
+) -> dict[str, float | None]:
+    """Each metric's samples summed over every query service's `/metrics` (labels ignored);
+    None for a metric no replica exposes."""
+    sums: dict[str, float | None] = dict.fromkeys(names)
+    for api in apis:
+        response = await http.get(f"{api}/metrics")
+        response.raise_for_status()
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name in sums:
+                    sums[sample.name] = (sums[sample.name] or 0.0) + sample.value
+    return sums
+
+
+@dataclass
+class MongoWrites:
+    """MongoDB writes per projected event over a phase: the server's write opcounters and the
+    query service's own count of read-model writes, each divided by the events projected."""
+
+    mongo_url: str
+    http: httpx.AsyncClient
+    apis: list[str]
+    before_server: dict[str, int] | None = None
+    before_service: dict[str, float | None] = field(default_factory=dict)
+
+    async def start(self) -> MongoWrites:
+        self.before_server = await mongo_opcounters(self.mongo_url)
+        self.before_service = await scrape_sums(
+            self.http, self.apis, (READ_MODEL_WRITES, EVENTS_PROJECTED)
+        )
+        return self
+
+    async def stop(self) -> dict[str, Any]:
+        after_server = await mongo_opcounters(self.mongo_url)
+        after_service = await scrape_sums(
+            self.http, self.apis, (READ_MODEL_WRITES, EVENTS_PROJECTED)
+        )
+
+        def delta(name: str) -> float | None:
+            first, last = self.before_service.get(name), after_service.get(name)
+            return None if first is None or last is None else last - first
+
+        events = delta(EVENTS_PROJECTED)
+        server_writes = None
+        if self.before_server is not None and after_server is not None:
+            server_writes = sum(
+                after_server.get(key, 0) - self.before_server.get(key, 0)
+                for key in ("insert", "update", "delete")
+            )
+        service_writes = delta(READ_MODEL_WRITES)
+        return {
+            "events_projected": events,
+            "server_write_ops": server_writes,
+            "read_model_writes": service_writes,
+            "server_write_ops_per_event": (
+                server_writes / events if server_writes is not None and events else None
+            ),
+            "read_model_writes_per_event": (
+                service_writes / events if service_writes is not None and events else None
+            ),
+        }
+
+
 def _cpu_per_1000(cpu: dict[str, float], commands: int) -> dict[str, float | None]:
     return {
         name: (round(seconds / commands * 1000, 3) if commands else None)
@@ -517,6 +604,7 @@ async def measure_project(
             await deployment.wait_idle(probe)
 
             # 2. The maximum, and the CPU it costs until everything it caused is done.
+            writes = await MongoWrites(servers.mongo_url, http, deployment.apis).start()
             window = deployment.cpu_window(server_groups)
             profilers = []
             if profile:
@@ -540,6 +628,7 @@ async def measure_project(
             out["idle_after_max_s"] = round(await deployment.wait_idle(probe), 2)
             cpu = window.stop()
             out["max"] = _phase(peak)
+            out["max"]["mongo_writes"] = await writes.stop()
             out["max"]["machine_busy_pct"] = round(
                 100 * machine_after_load["machine_busy"] / machine_after_load["machine_total"], 1
             )

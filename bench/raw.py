@@ -6,14 +6,25 @@
 - asyncpg append: the event rows and the command record of the same sizes, in one transaction
   each, positions from the same counter row as the event store; once with the event store's
   statements and once as a single statement.
+- AMQP pipelined: what the broker moves when nobody waits per message. The client publishes
+  event-sized persistent messages to a durable queue with publisher confirms, `PIPELINE_WINDOW`
+  unconfirmed at once (no await per message); a sink worker process consumes them with a
+  prefetch of `SINK_PREFETCH` and acks with `multiple=True` every `SINK_ACK_EVERY` messages (and
+  whatever is left when the queue goes quiet). The rate is messages published and consumed over
+  the time from the first publish until the queue is empty again.
+- asyncpg append: the event rows and the command record of the same sizes, in one transaction
+  each, positions from the same counter row as the event store; once with the event store's
+  statements and once as a single statement.
 - MongoDB: version-guarded single-document updates, and the same in ordered bulks.
 
-`python -m bench.raw echo AMQP_URL EVENT_BYTES` runs the echo worker.
+`python -m bench.raw echo AMQP_URL EVENT_BYTES` runs the echo worker, `python -m bench.raw sink
+AMQP_URL` the sink.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import random
@@ -24,6 +35,7 @@ import uuid
 from typing import Any
 
 import aio_pika
+import aiormq
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from pymongo import AsyncMongoClient, UpdateOne
@@ -34,6 +46,12 @@ COMMANDS_EXCHANGE = "bench.raw.commands"
 COMMANDS_QUEUE = "bench.raw.commands"
 EVENTS_EXCHANGE = "bench.raw.events"
 EVENTS_QUEUE = "bench.raw.events"
+PIPELINED_QUEUE = "bench.raw.pipelined"
+PIPELINE_WINDOW = 1_000  # publishes awaiting their confirm at once
+PIPELINE_CHUNK = 100
+SINK_PREFETCH = 1_000
+SINK_ACK_EVERY = 200
+SINK_FLUSH_SECONDS = 0.05
 
 
 async def echo(amqp_url: str, event_bytes: int, prefetch: int = 256) -> None:
@@ -92,6 +110,96 @@ async def echo(amqp_url: str, event_bytes: int, prefetch: int = 256) -> None:
     await queue.consume(handle)
     await stop.wait()
     await connection.close()
+
+
+async def sink(amqp_url: str) -> None:
+    """Consume `PIPELINED_QUEUE`, acking in batches with `multiple=True`. Until SIGTERM."""
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=SINK_PREFETCH)
+    queue = await channel.declare_queue(PIPELINED_QUEUE, durable=True)
+    newest: AbstractIncomingMessage | None = None
+    unacked = 0
+
+    async def handle(message: AbstractIncomingMessage) -> None:
+        nonlocal newest, unacked
+        newest, unacked = message, unacked + 1
+        if unacked >= SINK_ACK_EVERY:
+            newest, unacked = None, 0
+            await message.ack(multiple=True)
+
+    async def flush() -> None:
+        # What a batch left unacked when the stream paused or ended.
+        nonlocal newest, unacked
+        while True:
+            await asyncio.sleep(SINK_FLUSH_SECONDS)
+            if newest is not None:
+                message, newest, unacked = newest, None, 0
+                await message.ack(multiple=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    flusher = asyncio.create_task(flush())
+    await queue.consume(handle)
+    await stop.wait()
+    flusher.cancel()
+    await connection.close()
+
+
+async def pipelined_publish(
+    amqp_url: str, *, event_bytes: int, seconds: float, window: int = PIPELINE_WINDOW
+) -> dict[str, float]:
+    """Publish to `PIPELINED_QUEUE` for `seconds` with `window` confirms outstanding; then wait
+    until the sink emptied the queue. Messages/s published (confirmed) and moved end to end."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.declare_queue(PIPELINED_QUEUE, durable=True)
+        body = b"x" * event_bytes
+        # aiormq underneath aio-pika: one frame set and one confirm future per message, no
+        # Message object; awaited a chunk at a time, `window` messages unconfirmed at most.
+        underlay = await channel.get_underlay_channel()
+        properties = aiormq.spec.Basic.Properties(content_type="application/json", delivery_mode=2)
+        chunk = max(1, min(PIPELINE_CHUNK, window))
+        chunks: collections.deque[asyncio.Future[Any]] = collections.deque()
+        published = 0
+        started = time.perf_counter()
+        deadline = started + seconds
+        while time.perf_counter() < deadline:
+            if len(chunks) * chunk >= window:
+                await chunks.popleft()  # a nack or a closed channel ends the measurement
+            chunks.append(
+                asyncio.gather(
+                    *(
+                        underlay.basic_publish(
+                            body, routing_key=PIPELINED_QUEUE, properties=properties
+                        )
+                        for _ in range(chunk)
+                    )
+                )
+            )
+            published += chunk
+        for pending in chunks:
+            await pending
+        confirmed_after = time.perf_counter() - started
+        while True:
+            declared = await channel.declare_queue(PIPELINED_QUEUE, durable=True, passive=True)
+            if not declared.declaration_result.message_count:
+                break
+            await asyncio.sleep(0.01)
+        # The sink's last batch is acked within its flush interval of the queue emptying.
+        moved_after = time.perf_counter() - started
+    finally:
+        await connection.close()
+    return {
+        "messages": published,
+        "published_per_s": published / confirmed_after,
+        "moved_per_s": published / moved_after,
+        "window": window,
+        "event_bytes": event_bytes,
+    }
 
 
 async def _jsonb(connection: asyncpg.Connection) -> None:
@@ -257,11 +365,17 @@ async def raw_mongo(
 
 
 def main() -> None:
-    if len(sys.argv) != 4 or sys.argv[1] != "echo":
-        raise SystemExit("usage: python -m bench.raw echo AMQP_URL EVENT_BYTES")
     import uvloop
 
-    uvloop.run(echo(sys.argv[2], int(sys.argv[3])))
+    if len(sys.argv) == 4 and sys.argv[1] == "echo":
+        uvloop.run(echo(sys.argv[2], int(sys.argv[3])))
+    elif len(sys.argv) == 3 and sys.argv[1] == "sink":
+        uvloop.run(sink(sys.argv[2]))
+    else:
+        raise SystemExit(
+            "usage: python -m bench.raw echo AMQP_URL EVENT_BYTES\n"
+            "       python -m bench.raw sink AMQP_URL"
+        )
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ async def measure_raw(servers: Servers, plan: Plan, run_dir: Path, seed: int) ->
                 await driver.close()
         await probe.close()
         await echo.stop()
+    out["amqp_pipelined"] = await measure_pipelined(servers, plan, run_dir, event_bytes)
     async with fresh_database(servers.postgres_dsn) as dsn:
         out["append"] = await raw.raw_append(
             dsn, seconds=plan.raw_seconds, concurrency=APPEND_CONCURRENCY, one_statement=False
@@ -119,6 +120,37 @@ async def measure_raw(servers: Servers, plan: Plan, run_dir: Path, seed: int) ->
             bulks=MONGO_BULKS,
         )
     return out
+
+
+async def measure_pipelined(
+    servers: Servers, plan: Plan, run_dir: Path, event_bytes: int
+) -> dict[str, Any]:
+    """The broker with pipelined confirms and batched acks (`raw.pipelined_publish`)."""
+    await reset_vhost(servers.amqp_url)
+    probe = await QueueProbe.connect(servers.amqp_url)
+    worker = await start_module(
+        "bench.raw", ["sink", servers.amqp_url], "raw-sink", run_dir / "raw-sink.log"
+    )
+    try:
+        await _wait_consumer(probe, raw.PIPELINED_QUEUE, worker)
+        window = CpuWindow(
+            {"sink": [worker.pid], "bench": [os.getpid()], **ServerGroups(None).pids()}
+        ).start()
+        found: dict[str, Any] = dict(
+            await raw.pipelined_publish(
+                servers.amqp_url, event_bytes=event_bytes, seconds=plan.raw_seconds
+            )
+        )
+        cpu = window.stop()
+        messages = max(1, int(found["messages"]))
+        found["cpu_per_1000"] = {
+            name: round(cpu[name] / messages * 1000, 3) for name in ("sink", "bench", "rabbitmq")
+        }
+        found["machine_busy_pct"] = round(100 * cpu["machine_busy"] / cpu["machine_total"], 1)
+        return found
+    finally:
+        await probe.close()
+        await worker.stop()
 
 
 async def measure_naive(servers: Servers, plan: Plan, run_dir: Path, seed: int) -> dict[str, Any]:
