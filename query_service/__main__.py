@@ -140,7 +140,7 @@ async def serve_projector_with_api_processes(settings: QueryServiceSettings) -> 
     """The projector here, the API in child processes that share this process's port; the
     children are stopped last, after the projector drained."""
     check_api_routes(load_query_domains(settings.domain_names))
-    listener = bind_listener(settings.http_host, settings.http_port)
+    listener = await bind_listener(settings.http_host, settings.http_port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -194,6 +194,8 @@ async def serve_api_process(settings: QueryServiceSettings, listen_fd: int, link
         await service.supervisor.stop(
             API_TASK, timeout=SHUTDOWN_GRACE_SECONDS, ask=endpoint.ask_to_exit
         )
+        # The port is free of this process from here, for a successor's projector to bind.
+        os.close(listen_fd)
         await service.close()
         reading.cancel()
         with contextlib.suppress(asyncio.CancelledError):

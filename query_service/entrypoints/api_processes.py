@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -49,19 +50,33 @@ REFRESH_TIMEOUT_SECONDS = 0.5
 # Reports are not queued beyond this for a child that does not read them (stopped, stuck).
 MAX_UNREAD_BYTES = 1 << 16
 REFRESH = b"?\n"
+BIND_PATIENCE_SECONDS = 15.0
 
 
 def api_task_name(index: int) -> str:
     return f"api-process-{index}"
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
+async def bind_listener(
+    host: str, port: int, *, patience_seconds: float = BIND_PATIENCE_SECONDS
+) -> socket.socket:
     """The API's listening socket, bound here so that every child (and every restarted one)
-    accepts on the same port, and a port in use stops the service at start."""
+    accepts on the same port. A port in use is tried again for `patience_seconds` (the API
+    processes of a predecessor killed a moment ago let go of it when they notice), then stops
+    the service."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, port), family=family, backlog=2048)
-    listener.set_inheritable(True)
-    return listener
+    deadline = time.monotonic() + patience_seconds
+    while True:
+        try:
+            listener = socket.create_server((host, port), family=family, backlog=2048)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            log.warning("api_port_in_use", port=port, retry_in_seconds=0.2)
+            await asyncio.sleep(0.2)
+            continue
+        listener.set_inheritable(True)
+        return listener
 
 
 # --- the projector's side ------------------------------------------------------------------

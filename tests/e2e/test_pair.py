@@ -13,7 +13,8 @@ from shared import topology
 from shared.client import CommandClient
 from shared.ledger import DepositMoney, OpenAccount, WithdrawMoney
 from tests.e2e.conftest import Pair, stop
-from tests.metrics_support import scrape, value
+from tests.metrics_support import Samples, scrape, value
+from tests.query_support import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -62,10 +63,20 @@ async def test_commands_become_visible_in_the_read_model(pair: Pair) -> None:
     assert document["status"] == "open"
     assert document["version"] == 4
 
-    # Both processes' /metrics counted that work.
+    # Both processes' /metrics counted that work (the projector's counters come from its own
+    # process, counted once the event's batch is through: a moment after the read model shows it).
     async with httpx.AsyncClient() as http:
         commands = await scrape(http, f"{pair.command_http}/metrics")
-        projected = await scrape(http, f"{pair.api}/metrics")
+
+        async def projector_metrics() -> Samples:
+            return await scrape(http, f"{pair.api}/metrics")
+
+        projected = await eventually(
+            projector_metrics,
+            lambda found: (
+                value(found, "cqrs_events_projected_total", event_type="MoneyWithdrawn") >= 1
+            ),
+        )
         ready = await http.get(f"{pair.command_http}/readyz")
     counted = "cqrs_commands_total"
     assert value(commands, counted, type="OpenAccount", outcome="accepted") == 1
