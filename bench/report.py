@@ -317,12 +317,15 @@ def render(result: dict[str, Any]) -> str:
         )
     lines.append("")
     width = 62
-    lines.append(f"{'references (measured in the same run)':<{width}} value")
     baseline = result["plan"].get("baseline")
+    references = result["plan"].get("references", True)
+    if references or baseline is not None:
+        lines.append(f"{'references (measured in the same run)':<{width}} value")
     if baseline is not None:
         lines.append(f"  baseline: {meta.get('baseline') or baseline}")
     for label, extract, kind in REFERENCE_ROWS:
-        if baseline is None and extract in BASELINE_EXTRACTS:
+        shown = baseline is not None if extract in BASELINE_EXTRACTS else references
+        if not shown:
             continue
         lines.append(f"  {label:<{width - 2}} {cell(summarize(runs, extract), kind, spread)}")
     lines.append("")
