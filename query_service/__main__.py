@@ -27,8 +27,10 @@ from cqrs_runtime.http_server import server_config
 from cqrs_runtime.logging import configure_logging
 from cqrs_runtime.supervision import Failure
 from cqrs_runtime.tracing import configure_tracing, shutdown_tracing
+from query_service.adapters.broker import BrokerLink
 from query_service.bootstrap import bootstrap
 from query_service.domain import load_query_domains
+from query_service.entrypoints.api.admin import RebuildRunner
 from query_service.entrypoints.api.app import check_api_routes
 from query_service.entrypoints.api_processes import (
     API_PROCESS_ARG,
@@ -147,8 +149,14 @@ async def serve_projector_with_api_processes(settings: QueryServiceSettings) -> 
         loop.add_signal_handler(signum, stopping.set)
     try:
         service = await bootstrap(settings.model_copy(update={"run_api": False}))
+        broker_link = BrokerLink(settings.amqp_url)
+        rebuilds = RebuildRunner(service.catalog, broker_link, settings)
         processes = ApiProcesses(
-            settings, listener, supervisor=service.supervisor, metrics=service.metrics
+            settings,
+            listener,
+            supervisor=service.supervisor,
+            metrics=service.metrics,
+            rebuilds=rebuilds,
         )
         try:
             processes.start()
@@ -166,6 +174,8 @@ async def serve_projector_with_api_processes(settings: QueryServiceSettings) -> 
             # Projector first: it drains while the API processes still answer reads.
             await service.stop_projector(SHUTDOWN_GRACE_SECONDS)
             await processes.stop(SHUTDOWN_GRACE_SECONDS)
+            await rebuilds.close()
+            await broker_link.close()
             await service.close()
     finally:
         listener.close()

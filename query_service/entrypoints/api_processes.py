@@ -11,8 +11,11 @@ Ctrl-C reaches the parent alone, which stops them last: the projector drains whi
 Each child holds one end of a socket pair to the parent (the link): the parent writes a report
 (its projector's counters, its supervisor's failures and failing tasks) as a line of JSON every
 `REPORT_SECONDS`, and at once when the child asks (a `/metrics` or `/readyz` being served), so
-the child's `/metrics` and `/readyz` show the projector as if it ran in the same process. The
-link closing (the parent died, even by SIGKILL) makes the child stop too.
+the child's `/metrics` and `/readyz` show the projector as if it ran in the same process. A
+rebuild asked for over HTTP is started in the parent too (`POST /admin/rebuilds` asks over the
+link and answers with the parent's reply): replaying events into read models is projection
+work, which the API processes leave to the projector's. The link closing (the parent died, even
+by SIGKILL) makes the child stop too.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from cqrs_runtime.supervision import Failure, Supervisor
 from query_service.metrics import ProjectorMetrics
+from query_service.service_layer.catalog import RebuildConflictError
 from query_service.settings import QueryServiceSettings
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
@@ -51,6 +56,23 @@ REFRESH_TIMEOUT_SECONDS = 0.5
 MAX_UNREAD_BYTES = 1 << 16
 REFRESH = b"?\n"
 BIND_PATIENCE_SECONDS = 15.0
+
+
+# How long `POST /admin/rebuilds` waits for the projector's process to start the rebuild.
+REBUILD_CALL_TIMEOUT_SECONDS = 30.0
+BROKER_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *CONNECTION_EXCEPTIONS)
+
+
+class Rebuilds(Protocol):
+    """What `POST /admin/rebuilds` starts a rebuild with: here, or in the projector's process."""
+
+    async def start(self, read_models: list[str]) -> str:
+        """The new rebuild's id; `RebuildConflictError` when one of them is being rebuilt."""
+        ...
+
+
+class RebuildNotStartedError(Exception):
+    """The projector's process could not start the rebuild (its log says why)."""
 
 
 def api_task_name(index: int) -> str:
@@ -103,12 +125,15 @@ class ApiProcesses:
         *,
         supervisor: Supervisor,
         metrics: ProjectorMetrics | None,
+        rebuilds: Rebuilds | None = None,
         command: list[str] | None = None,
     ) -> None:
         self._settings = settings
         self._listener = listener
         self._supervisor = supervisor
         self._metrics = metrics
+        self._rebuilds = rebuilds
+        self._calls: set[asyncio.Task[None]] = set()
         self._command = command or [sys.executable, "-m", "query_service", API_PROCESS_ARG]
         self._processes: dict[int, asyncio.subprocess.Process] = {}
         self._stopping = False
@@ -174,13 +199,45 @@ class ApiProcesses:
                     if not line:
                         return  # the child closed its end: it is going
                 except TimeoutError:
-                    pass
-                if writer.transport.get_write_buffer_size() < MAX_UNREAD_BYTES:
+                    line = REFRESH
+                if line != REFRESH:
+                    self._answer(line, writer)
+                elif writer.transport.get_write_buffer_size() < MAX_UNREAD_BYTES:
                     writer.write(self.report())
         except (ConnectionError, OSError):
             return
         finally:
             writer.close()
+
+    def _answer(self, line: bytes, writer: asyncio.StreamWriter) -> None:
+        """A child's call (a rebuild to start), answered in a task of its own."""
+        try:
+            call = json.loads(line)
+            number, read_models = int(call["call"]), [str(name) for name in call["rebuild"]]
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("api_process_call_unreadable", error=repr(e))
+            return
+
+        async def answer() -> None:
+            reply: dict[str, Any] = {"reply": number}
+            try:
+                if self._rebuilds is None:
+                    raise RebuildNotStartedError("no rebuilds in this process")
+                reply["rebuild_id"] = await self._rebuilds.start(read_models)
+            except RebuildConflictError as e:
+                reply["error"], reply["message"] = "conflict", str(e)
+            except BROKER_ERRORS as e:
+                log.warning("rebuild_not_started", reason="broker_unavailable", error=repr(e))
+                reply["error"], reply["message"] = "broker_unavailable", "broker unavailable"
+            except Exception as e:
+                log.error("rebuild_not_started", exc_info=e)
+                reply["error"], reply["message"] = "failed", "the rebuild could not start"
+            if not writer.is_closing():
+                writer.write(json.dumps(reply).encode() + b"\n")
+
+        task = asyncio.create_task(answer(), name=f"api-call-{number}")
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
 
     async def stop(self, grace_seconds: float) -> None:
         """SIGTERM to every child (each stops serving and exits), then wait for them."""
@@ -242,21 +299,28 @@ class ProjectorReports:
 
 
 class ProjectorLink:
-    """The API process's end of the link: reads reports, asks for fresh ones, and calls
-    `on_lost` when the parent is gone."""
+    """The API process's end of the link: reads reports, asks for fresh ones, has rebuilds
+    started by the parent, and calls `on_lost` when the parent is gone."""
 
     def __init__(self, sock: socket.socket, reports: ProjectorReports) -> None:
         self._sock = sock
         self.reports = reports
         self._writer: asyncio.StreamWriter | None = None
         self._fresh = asyncio.Event()
+        self._calls: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._numbers = iter(range(1, sys.maxsize))
+        self.rebuilds = RemoteRebuilds(self)
 
     async def run(self, on_lost: Callable[[], None]) -> None:
         reader, self._writer = await asyncio.open_connection(sock=self._sock)
         try:
             while line := await reader.readline():
                 try:
-                    self.reports.apply(json.loads(line))
+                    message = json.loads(line)
+                    if "reply" in message:
+                        self._replied(message)
+                        continue
+                    self.reports.apply(message)
                 except (ValueError, TypeError) as e:
                     log.warning("projector_report_unreadable", error=repr(e))
                     continue
@@ -267,8 +331,31 @@ class ProjectorLink:
         finally:
             self._writer.close()
             self._writer = None
+            for pending in self._calls.values():
+                if not pending.done():
+                    pending.set_exception(ConnectionError("the projector's process is gone"))
         log.warning("projector_link_closed")
         on_lost()
+
+    def _replied(self, message: dict[str, Any]) -> None:
+        pending = self._calls.get(int(message["reply"]))
+        if pending is not None and not pending.done():
+            pending.set_result(message)
+
+    async def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send `request` to the parent and wait for its reply (`TimeoutError`, or
+        `ConnectionError` when the parent is gone)."""
+        if self._writer is None or self._writer.is_closing():
+            raise ConnectionError("the projector's process is gone")
+        number = next(self._numbers)
+        pending: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._calls[number] = pending
+        try:
+            self._writer.write(json.dumps({**request, "call": number}).encode() + b"\n")
+            async with asyncio.timeout(timeout):
+                return await pending
+        finally:
+            del self._calls[number]
 
     async def refresh(self, timeout: float = REFRESH_TIMEOUT_SECONDS) -> None:
         """Ask for a report and wait for it, at most `timeout` (a busy or stopped projector
@@ -280,3 +367,26 @@ class ProjectorLink:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await fresh.wait()
+
+
+class RemoteRebuilds:
+    """`Rebuilds` in the projector's process, asked over the link."""
+
+    def __init__(self, link: ProjectorLink) -> None:
+        self._link = link
+
+    async def start(self, read_models: list[str]) -> str:
+        try:
+            reply = await self._link.call(
+                {"rebuild": read_models}, timeout=REBUILD_CALL_TIMEOUT_SECONDS
+            )
+        except (TimeoutError, ConnectionError) as e:
+            raise RebuildNotStartedError("the projector's process did not answer") from e
+        error = reply.get("error")
+        if error == "conflict":
+            raise RebuildConflictError(str(reply.get("message")))
+        if error == "broker_unavailable":
+            raise ConnectionError(str(reply.get("message")))
+        if error is not None:
+            raise RebuildNotStartedError(str(reply.get("message")))
+        return str(reply["rebuild_id"])

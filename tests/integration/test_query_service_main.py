@@ -239,3 +239,28 @@ async def test_api_processes_stop_when_the_projectors_process_is_killed_and_a_su
         if successor.returncode is None:
             successor.kill()
             await successor.wait()
+
+
+async def test_a_rebuild_asked_of_an_api_process_is_started_by_the_projectors(
+    service: RunningService,
+) -> None:
+    async with httpx.AsyncClient(base_url=service.http_url, timeout=5) as http:
+        url = await project_account(service, http)
+        started = await http.post("/admin/rebuilds", json={"read_models": ["accounts"]})
+        assert started.status_code == 202, started.text
+        again = await http.post("/admin/rebuilds", json={"read_models": ["accounts"]})
+        assert again.status_code in (202, 409), again.text
+
+        async def state() -> dict[str, object]:
+            return dict((await http.get("/admin/read-models/accounts")).json())
+
+        # Without a command service to replay the events it fails; where it ran is the point
+        # here (tests/e2e/test_query_pair.py has one go through).
+        found = await eventually(state, lambda model: model["rebuild"] is not None)
+        rebuild = found["rebuild"]
+        assert isinstance(rebuild, dict)
+        assert str(rebuild["owner"]).endswith(f":{service.process.pid}"), rebuild
+        assert (await http.get(url)).json()["balance"] == 30
+
+    service.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(service.process.wait(), timeout=30) == 0

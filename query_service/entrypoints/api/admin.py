@@ -16,6 +16,7 @@ from query_service.entrypoints.api.dependencies import Catalog
 from query_service.entrypoints.api.errors import ErrorDetail, Refusal
 from query_service.entrypoints.api.limits import UnavailableError
 from query_service.entrypoints.api.probes import BROKER_PROBE_ERRORS, broker_reason
+from query_service.entrypoints.api_processes import RebuildNotStartedError, Rebuilds
 from query_service.service_layer.catalog import ReadModelCatalog, RebuildConflictError
 from query_service.service_layer.rebuild import RebuildPolicy, RebuildProgress
 from query_service.settings import QueryServiceSettings
@@ -70,7 +71,10 @@ async def _read_model_status(catalog: ReadModelCatalog, name: str) -> dict[str, 
         400: {"model": ErrorDetail, "description": "the body is not JSON"},
         409: {"model": ErrorDetail},
         413: {"model": Refusal, "description": "`body_too_large`"},
-        503: {"model": Refusal, "description": "`broker_unavailable`, or as for any route"},
+        503: {
+            "model": Refusal,
+            "description": "`broker_unavailable`, `projector_unavailable`, or as for any route",
+        },
     },
 )
 async def post_rebuild(
@@ -94,11 +98,16 @@ async def post_rebuild(
                 }
             ],
         )
-    runner: RebuildRunner = request.app.state.rebuilds
+    runner: Rebuilds = request.app.state.rebuilds
     try:
         rebuild_id = await runner.start(body.read_models)
     except RebuildConflictError as e:
         raise HTTPException(status_code=409, detail=str(e)) from e
+    except RebuildNotStartedError as e:
+        log.warning("rebuild_not_started", reason="projector_unavailable", error=repr(e))
+        raise UnavailableError(
+            "projector_unavailable", "the projector did not start the rebuild; try again"
+        ) from e
     except BROKER_PROBE_ERRORS as e:
         log.warning("rebuild_not_started", reason=broker_reason(e), error=repr(e))
         raise UnavailableError(
@@ -112,7 +121,8 @@ async def post_rebuild(
 
 
 class RebuildRunner:
-    """Runs rebuilds started over HTTP as tasks of this process; cancels them on shutdown."""
+    """Runs rebuilds started over HTTP as tasks of this process (the API's, or the projector's
+    beside API processes); cancels them on shutdown."""
 
     def __init__(
         self, catalog: ReadModelCatalog, link: amqp.BrokerLink, settings: QueryServiceSettings

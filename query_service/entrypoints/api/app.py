@@ -71,7 +71,7 @@ def create_app(
     (or `catalog`), the caller owns its client; otherwise the app's lifespan opens a MongoDB
     client from `settings` and closes it on shutdown. Given `projector_link` (the API runs in a
     process of its own beside the projector's), `/metrics` and `/readyz` show that projector as
-    its reports tell."""
+    its reports tell, and `POST /admin/rebuilds` starts the rebuild in that process."""
     if projector_link is not None:
         metrics = projector_link.reports.metrics
     if domains is None:
@@ -93,12 +93,18 @@ def create_app(
         else:
             client = create_client(settings.mongo_url)
             app.state.catalog = build_catalog(client[settings.mongo_db], read_models)
-        runner = RebuildRunner(app.state.catalog, link, settings)
-        app.state.rebuilds = runner
+        runner: RebuildRunner | None = None
+        if projector_link is None:
+            runner = RebuildRunner(app.state.catalog, link, settings)
+            app.state.rebuilds = runner
+        else:
+            # Beside a projector's process, rebuilds are started there (api_processes.py).
+            app.state.rebuilds = projector_link.rebuilds
         try:
             yield
         finally:
-            await runner.close()
+            if runner is not None:
+                await runner.close()
             await link.close()
             if client is not None:
                 await client.close()
