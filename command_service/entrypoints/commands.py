@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+import contextvars
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -56,7 +57,7 @@ from command_service.adapters.subscription import BROKER_ERRORS
 from command_service.metrics import CommandMetrics
 from command_service.model.authorization import Actor
 from command_service.service_layer.event_store import EventStoreUnavailableError
-from command_service.service_layer.handlers import HandleCommand
+from command_service.service_layer.handlers import BatchCommand, HandleCommand, HandleCommands
 from command_service.service_layer.registry import (
     CommandRegistry,
     ParsedCommand,
@@ -149,6 +150,8 @@ class CommandConsumer:
         prefetch: int,
         handle: HandleCommand,
         registry: CommandRegistry,
+        handle_batch: HandleCommands | None = None,
+        batch_size: int = 1,
         replies: AbstractExchange,
         dead_letters: AbstractExchange,
         max_message_bytes: int,
@@ -161,6 +164,9 @@ class CommandConsumer:
         self._connection = connection
         self._prefetch = prefetch
         self._handle_command = handle
+        self._handle_batch = handle_batch
+        # Never more than the channel may hold unacked.
+        self._batch_size = max(1, min(batch_size, prefetch))
         self._registry = registry
         self._replies = replies
         self._dead_letters = dead_letters
@@ -265,29 +271,59 @@ class CommandConsumer:
     async def _consume_queue(self, queue: AbstractQueue, stopped: asyncio.Task[bool]) -> None:
         async with queue.iterator() as messages:
             iterator = aiter(messages)
-            while not stopped.done():
-                receive = asyncio.ensure_future(anext(iterator))
-                await asyncio.wait({receive, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if not receive.done():
+            receive: asyncio.Future[AbstractIncomingMessage] | None = None
+            try:
+                while not stopped.done():
+                    if receive is None:
+                        receive = asyncio.ensure_future(anext(iterator))
+                    waiting: set[asyncio.Future[Any]] = {receive, stopped}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    if not receive.done():
+                        return
+                    batch: list[AbstractIncomingMessage] = []
+                    ended = False
+                    # What is delivered already joins the batch; nothing is waited for.
+                    while receive is not None and receive.done():
+                        try:
+                            batch.append(receive.result())
+                        except StopAsyncIteration:
+                            ended = True  # the consumer was cancelled by the broker
+                        receive = None
+                        if ended or len(batch) >= self._batch_size:
+                            break
+                        receive = asyncio.ensure_future(anext(iterator))
+                        await asyncio.sleep(0)  # one turn: done by then if one is buffered
+                    if batch:
+                        await self.process_batch(batch)
+                        mark_healthy()
+                    if ended:
+                        return  # consume again
+            finally:
+                if receive is not None and not receive.done():
                     receive.cancel()
                     with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                         await receive
-                    return
-                try:
-                    message = receive.result()
-                except StopAsyncIteration:
-                    return  # the consumer was cancelled by the broker: consume again
-                await self.process(message)
-                mark_healthy()
 
     async def process(self, message: AbstractIncomingMessage) -> None:
         """Handle one delivery to its end: acked, dead-lettered or requeued."""
-        [outcome] = await self._pipeline.run([message])
-        if outcome.verdict is Verdict.REQUEUE:
-            # Not a nack of this one message: the next ones are delivered here already and would
-            # be handled before it came back. Closing the channel returns it and all of them to
-            # the queue, in their order.
-            raise PartitionPausedError(outcome.reason) from outcome.error
+        await self.process_batch([message])
+
+    async def process_batch(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Handle deliveries of one partition, in their order, to their end: replies sent,
+        dead letters confirmed, then all acked at once (or the partition paused, see below)."""
+        settling = _Settling()
+        token = _SETTLING.set(settling)
+        try:
+            outcomes = await self._pipeline.run(messages)
+        finally:
+            _SETTLING.reset(token)
+        await settling.finish()
+        for outcome in outcomes:
+            if outcome.verdict is Verdict.REQUEUE:
+                # Not a nack of this one message: the next ones are delivered here already and
+                # would be handled before it came back. Closing the channel returns it and all
+                # of them to the queue, in their order.
+                raise PartitionPausedError(outcome.reason) from outcome.error
 
     # --- what the pipeline asks of this consumer ---------------------------------------------
 
@@ -339,11 +375,43 @@ class CommandConsumer:
             raise BadCommandError("invalid_payload", _describe(e), envelope) from e
 
     async def _handle(self, batch: Sequence[Delivery]) -> list[Outcome[Reply]]:
+        if len(batch) == 1:
+            # Alone: what it raises is contained by the pipeline's policy.
+            [delivery] = batch
+            command = delivery.value
+            reply = await self._handle_command(command.parsed, actor=command.actor)
+            return [Outcome.ack(reply.status, reply)]
+        if self._handle_batch is not None:
+            try:
+                replies = await self._handle_batch(
+                    [BatchCommand(d.value.parsed, d.value.actor, scope=d.scope) for d in batch]
+                )
+            except EventStoreUnavailableError:
+                raise  # the whole batch is retried in place, then handed back
+            except Exception as e:  # noqa: BLE001 - nothing was stored: one at a time
+                log.info("command_batch_split", size=len(batch), error=repr(e))
+            else:
+                return [Outcome.ack(reply.status, reply) for reply in replies]
+        return await self._one_at_a_time(batch)
+
+    async def _one_at_a_time(self, batch: Sequence[Delivery]) -> list[Outcome[Reply]]:
+        """Each command on its own, so that a conflict is retried as alone and a command
+        whose handling raises is the only one dead-lettered."""
         outcomes: list[Outcome[Reply]] = []
         for delivery in batch:
+            if outcomes and outcomes[-1].verdict is Verdict.RETRY:
+                outcomes.append(outcomes[-1])  # after an outage: retried in their order
+                continue
             with delivery.scope():
                 command = delivery.value
-                reply = await self._handle_command(command.parsed, actor=command.actor)
+                try:
+                    reply = await self._handle_command(command.parsed, actor=command.actor)
+                except EventStoreUnavailableError as e:
+                    outcomes.append(Outcome.retry(e))
+                    continue
+                except Exception as e:  # noqa: BLE001 - contained per message
+                    outcomes.append(self._failed(delivery, e))
+                    continue
             outcomes.append(Outcome.ack(reply.status, reply))
         return outcomes
 
@@ -362,13 +430,18 @@ class CommandConsumer:
     async def _settle(self, delivery: Delivery, outcome: Outcome[Reply]) -> Outcome[Reply]:
         message = delivery.message
         if outcome.verdict is Verdict.REQUEUE:
-            return outcome  # nothing is sent: `process` closes the channel, which returns it
+            # Nothing is sent: `process_batch` closes the channel, which returns it.
+            settling = _SETTLING.get()
+            if settling is not None:
+                settling.hand_back(message)
+            return outcome
         reply = outcome.result
         if reply is None:
             raise ValueError(f"a command settled as {outcome.status} needs its reply")
         if outcome.verdict is Verdict.DEAD_LETTER:
             reason = outcome.reason or outcome.status
             log.warning("command_dead_lettered", reason=reason)
+            # Confirmed before the batch is acked.
             await self._dead_letters.publish(
                 dead_letter_message(message, reason, max_body_bytes=self._max_message_bytes),
                 routing_key="",
@@ -381,8 +454,13 @@ class CommandConsumer:
                 position=reply.position,
                 error_code=reply.error.code if reply.error else None,
             )
-        await self._reply(message, reply)
-        await message.ack()
+        settling = _SETTLING.get()
+        published = self._reply(message, reply)
+        if settling is None:
+            await published
+            await message.ack()
+        else:
+            settling.add(message, published)
         return outcome
 
     def _record(self, delivery: Delivery, outcome: Outcome[Reply], seconds: float) -> None:
@@ -402,6 +480,46 @@ class CommandConsumer:
         await self._replies.publish(
             reply_message(reply, message.correlation_id), routing_key=reply_to
         )
+
+
+class _Settling:
+    """A batch's replies in flight and its deliveries, to ack once every reply is sent."""
+
+    def __init__(self) -> None:
+        self._replies: list[asyncio.Future[None]] = []
+        self._deliveries: list[tuple[AbstractIncomingMessage, bool]] = []  # (message, to ack)
+
+    def add(self, message: AbstractIncomingMessage, reply: Awaitable[None]) -> None:
+        # Started now (publishes go out in call order), awaited together.
+        self._replies.append(asyncio.ensure_future(reply))
+        self._deliveries.append((message, True))
+
+    def hand_back(self, message: AbstractIncomingMessage) -> None:
+        self._deliveries.append((message, False))
+
+    async def finish(self) -> None:
+        try:
+            await asyncio.gather(*self._replies)
+        except BaseException:
+            for reply in self._replies:
+                reply.cancel()
+            raise
+        prefix = 0  # the deliveries acked with one `multiple` ack: all before a hand-back
+        while prefix < len(self._deliveries) and self._deliveries[prefix][1]:
+            prefix += 1
+        if prefix == 1:
+            await self._deliveries[0][0].ack()
+        elif prefix > 1:
+            # Delivery tags grow in delivery order on the partition's channel.
+            await self._deliveries[prefix - 1][0].ack(multiple=True)
+        for message, to_ack in self._deliveries[prefix:]:
+            if to_ack:
+                await message.ack()
+
+
+_SETTLING: contextvars.ContextVar[_Settling | None] = contextvars.ContextVar(
+    "command_settling", default=None
+)
 
 
 def _dead_letter(

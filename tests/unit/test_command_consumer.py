@@ -35,10 +35,14 @@ class FakeMessage:
     reply_to: str | None = None
     user_id: str | None = None
     routing_key: str | None = None
+    content_encoding: str | None = None
+    timestamp: Any = None
+    type: str | None = None
+    app_id: str | None = None
     settled: list[str] = field(default_factory=list)
 
     async def ack(self, multiple: bool = False) -> None:
-        self.settled.append("ack")
+        self.settled.append("ack multiple" if multiple else "ack")
 
 
 class RecordingExchange:

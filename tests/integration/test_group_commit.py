@@ -1,0 +1,238 @@
+"""Group commit: a batch of commands decided in order and stored in one transaction, against
+PostgreSQL; each command's outcome is what it would have been alone."""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Sequence
+from typing import Any, cast
+
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
+
+from command_service.adapters.postgres_event_store import PostgresEventStore, read_all
+from command_service.domains import ledger
+from command_service.domains.ledger.account import Account
+from command_service.entrypoints.commands import CommandConsumer
+from command_service.model.authorization import Actor
+from command_service.service_layer.event_store import ConcurrencyError, NewEvent
+from command_service.service_layer.handlers import (
+    BatchCommand,
+    handle_command,
+    handle_commands,
+)
+from command_service.service_layer.registry import CommandRegistry
+from shared.client import envelope_for
+from shared.ledger import (
+    DepositMoney,
+    MoneyDeposited,
+    OpenAccount,
+    RequestTransfer,
+    WithdrawMoney,
+)
+from shared.messages import Command, CommandEnvelope, Reply
+from shared.topology import AGGREGATE_ID_HEADER
+from tests.unit.test_command_consumer import FakeMessage, RecordingExchange
+
+pytestmark = pytest.mark.integration
+
+REGISTRY = CommandRegistry.from_domains([ledger.domain])
+ANYONE = Actor.anonymous()
+
+
+def command(envelope: CommandEnvelope) -> BatchCommand:
+    return BatchCommand(REGISTRY.parse(envelope), ANYONE)
+
+
+async def batch(store: PostgresEventStore, envelopes: Sequence[CommandEnvelope]) -> list[Reply]:
+    return await handle_commands(
+        [command(e) for e in envelopes], store=store, registry=REGISTRY, snapshot_every=3
+    )
+
+
+async def alone(store: PostgresEventStore, envelope: CommandEnvelope) -> Reply:
+    return await handle_command(
+        envelope, store=store, actor=ANYONE, registry=REGISTRY, concurrency_retries=3
+    )
+
+
+async def stored_reply(pool: asyncpg.Pool, command_id: uuid.UUID) -> dict[str, Any] | None:
+    found = await pool.fetchval("SELECT reply FROM commands WHERE command_id = $1", command_id)
+    return cast(dict[str, Any] | None, found)
+
+
+def status(reply: Reply) -> tuple[str, str | None]:
+    return reply.status, reply.error.code if reply.error else None
+
+
+async def test_a_mixed_batch_gets_each_commands_own_outcome(
+    store: PostgresEventStore, pool: asyncpg.Pool
+) -> None:
+    known = uuid.uuid4()
+    seen = envelope_for(OpenAccount(owner_id="o", currency="EUR"), known)
+    assert (await alone(store, seen)).status == "accepted"
+    before = await read_all(pool, 0, 100)
+    account = uuid.uuid4()
+    opened = envelope_for(OpenAccount(owner_id="o", currency="EUR", initial_deposit=10), account)
+    deposit = envelope_for(DepositMoney(amount=5), account)
+    too_much = envelope_for(WithdrawMoney(amount=1_000), account)
+    withdraw = envelope_for(WithdrawMoney(amount=15), account)
+    wrong_type = envelope_for(
+        RequestTransfer(from_account_id=account, to_account_id=known, amount=1), account
+    )
+    on_known = envelope_for(DepositMoney(amount=2), known)
+    envelopes = [opened, seen, deposit, too_much, deposit, wrong_type, withdraw, on_known]
+
+    replies = await batch(store, envelopes)
+
+    assert [status(r) for r in replies] == [
+        ("accepted", None),
+        ("duplicate", None),  # recorded before the batch
+        ("accepted", None),  # sees the account opened earlier in the batch
+        ("rejected", "insufficient_funds"),
+        ("duplicate", None),  # repeated within the batch
+        ("rejected", "wrong_aggregate_type"),
+        ("accepted", None),  # the whole balance: 10 + 1 + 5 (opening deposit is an event)
+        ("accepted", None),
+    ]
+    assert replies[4].version == replies[2].version
+    events = (await read_all(pool, 0, 100))[len(before) :]
+    positions = [e.position for e in events]
+    assert positions == list(range(before[-1].position + 1, before[-1].position + 1 + len(events)))
+    assert [(e.stream_id, e.version) for e in events] == [
+        (account, 1),
+        (account, 2),
+        (account, 3),
+        (account, 4),
+        (known, 2),
+    ]
+    accepted = [r for r in replies if r.status == "accepted"]
+    assert [r.position for r in accepted] == positions[1:]
+    for envelope, reply in zip(envelopes, replies, strict=True):
+        recorded = await stored_reply(pool, envelope.command_id)
+        assert recorded is not None
+        if reply.status != "duplicate":
+            assert Reply.model_validate(recorded) == reply
+    # Handled again (a redelivery after a crash between commit and ack): duplicates only.
+    again = await batch(store, envelopes)
+    assert {r.status for r in again} == {"duplicate"}
+    assert [(r.command_id, r.version, r.position) for r in again] == [
+        (r.command_id, r.version, r.position) for r in replies
+    ]
+    assert len(await read_all(pool, 0, 100)) == len(before) + len(events)
+
+
+async def test_batch_snapshots_aggregates_that_crossed_the_interval(
+    store: PostgresEventStore,
+) -> None:
+    account = uuid.uuid4()
+    replies = await batch(
+        store,
+        [
+            envelope_for(OpenAccount(owner_id="o", currency="EUR"), account),
+            *(envelope_for(DepositMoney(amount=1), account) for _ in range(3)),
+        ],
+    )
+    assert [r.version for r in replies] == [1, 2, 3, 4]
+    snapshot = await store.load_snapshot(account)
+    assert snapshot is not None and snapshot.version == 4
+    [after] = await batch(store, [envelope_for(WithdrawMoney(amount=3), account)])
+    assert (after.status, after.version) == ("accepted", 5)
+
+
+async def test_a_stream_moved_by_another_writer_stores_nothing_of_the_batch(
+    store: PostgresEventStore, pool: asyncpg.Pool
+) -> None:
+    account, other = uuid.uuid4(), uuid.uuid4()
+    for stream in (account, other):
+        await alone(store, envelope_for(OpenAccount(owner_id="o", currency="EUR"), stream))
+    commands = [
+        envelope_for(DepositMoney(amount=1), other),
+        envelope_for(DepositMoney(amount=2), account),
+        envelope_for(WithdrawMoney(amount=99), other),
+    ]
+    moved = False
+    original = store.append_batch
+
+    async def racing(*args: Any, **kwargs: Any) -> list[Reply]:
+        nonlocal moved
+        if not moved:  # another writer commits between the batch's load and its commit
+            moved = True
+            await store.append(
+                stream_id=account,
+                aggregate_type="account",
+                expected_version=1,
+                events=[NewEvent.from_event(MoneyDeposited(amount=7))],
+                command_id=uuid.uuid4(),
+                correlation_id=None,
+            )
+        return await original(*args, **kwargs)
+
+    store.append_batch = racing  # type: ignore[method-assign]
+    last = (await read_all(pool, 0, 100))[-1].position
+    with pytest.raises(ConcurrencyError):
+        await batch(store, commands)
+    assert [e.position for e in await read_all(pool, last, 100)] == [last + 1]  # the racer's
+    for envelope in commands:
+        assert await stored_reply(pool, envelope.command_id) is None
+
+
+async def test_the_consumer_falls_back_to_one_at_a_time_on_a_conflict_or_a_poison_command(
+    store: PostgresEventStore, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decide = Account.decide
+
+    def explode_on_13(self: Account, command: Command) -> Any:
+        if isinstance(command, DepositMoney) and command.amount == 13:
+            raise ZeroDivisionError("a bug in the domain")
+        return decide(self, command)
+
+    monkeypatch.setattr(Account, "decide", explode_on_13)
+    replies, dead_letters = RecordingExchange(), RecordingExchange()
+    consumer = CommandConsumer(
+        connection=cast(AbstractConnection, None),
+        prefetch=64,
+        handle=functools.partial(
+            handle_command, store=store, registry=REGISTRY, concurrency_retries=3
+        ),
+        handle_batch=functools.partial(handle_commands, store=store, registry=REGISTRY),
+        batch_size=64,
+        registry=REGISTRY,
+        replies=cast(AbstractExchange, replies),
+        dead_letters=cast(AbstractExchange, dead_letters),
+        max_message_bytes=65_536,
+    )
+    account = uuid.uuid4()
+    await alone(store, envelope_for(OpenAccount(owner_id="o", currency="EUR"), account))
+    envelopes = [
+        envelope_for(DepositMoney(amount=1), account),
+        envelope_for(DepositMoney(amount=13), account),  # poison
+        envelope_for(DepositMoney(amount=2), account),
+        envelope_for(WithdrawMoney(amount=50), account),
+    ]
+    messages = [
+        FakeMessage(
+            body=e.model_dump_json().encode(),
+            headers={AGGREGATE_ID_HEADER: str(e.aggregate_id)},
+            message_id=str(e.command_id),
+            reply_to="amq.gen-replies",
+        )
+        for e in envelopes
+    ]
+
+    await consumer.process_batch(cast(list[AbstractIncomingMessage], messages))
+
+    answers = [Reply.model_validate_json(m.body) for m, _ in replies.published]
+    assert [(a.command_id, *status(a)) for a in answers] == [
+        (envelopes[0].command_id, "accepted", None),
+        (envelopes[1].command_id, "rejected", "internal_error"),
+        (envelopes[2].command_id, "accepted", None),
+        (envelopes[3].command_id, "rejected", "insufficient_funds"),
+    ]
+    assert [a.version for a in answers] == [2, None, 3, None]
+    assert len(dead_letters.published) == 1
+    assert [m.settled for m in messages] == [[], [], [], ["ack multiple"]]
+    events = await read_all(pool, 0, 100)
+    assert [(e.stream_id, e.version) for e in events] == [(account, 1), (account, 2), (account, 3)]
