@@ -162,7 +162,9 @@ async def start(
         Subscription(
             name=process.name,
             dsn=settings.postgres_dsn,
-            handler=ProcessManagerRunner(process, handle=handle, registry=registry),
+            handler=ProcessManagerRunner(
+                process, handle=handle, handle_batch=handle_batch, registry=registry
+            ),
             batch_size=settings.relay_batch_size,
             poll_seconds=settings.relay_poll_seconds,
             leader_timeout=settings.leader_timeout_seconds,

@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingM
 from command_service.adapters.postgres_event_store import PostgresEventStore, read_all
 from command_service.domains import ledger
 from command_service.domains.ledger.account import Account
+from command_service.domains.ledger.transfer import TransferProcess
 from command_service.entrypoints.commands import CommandConsumer
 from command_service.model.authorization import Actor
 from command_service.service_layer.event_store import ConcurrencyError, NewEvent
@@ -23,7 +24,9 @@ from command_service.service_layer.handlers import (
     handle_command,
     handle_commands,
 )
+from command_service.service_layer.process_managers import ProcessManagerRunner
 from command_service.service_layer.registry import CommandRegistry
+from command_service.service_layer.repository import AggregateRepository
 from shared.client import envelope_for
 from shared.ledger import (
     DepositMoney,
@@ -236,3 +239,68 @@ async def test_the_consumer_falls_back_to_one_at_a_time_on_a_conflict_or_a_poiso
     assert [m.settled for m in messages] == [[], [], [], ["ack multiple"]]
     events = await read_all(pool, 0, 100)
     assert [(e.stream_id, e.version) for e in events] == [(account, 1), (account, 2), (account, 3)]
+
+
+async def test_a_process_manager_takes_a_page_of_reactions_in_batches(
+    store: PostgresEventStore, pool: asyncpg.Pool
+) -> None:
+    """Transfers that complete, one refused for want of funds (a follow-up step fails it), and
+    one into a missing account (its debit is settled back): every page in one go, each page's
+    steps in one transaction, money conserved; the same pages again change nothing."""
+    handle = functools.partial(
+        handle_command, store=store, registry=REGISTRY, concurrency_retries=3
+    )
+    batches: list[int] = []
+
+    async def handle_batch(commands: Sequence[BatchCommand], *, internal: bool = False) -> Any:
+        batches.append(len(commands))
+        return await handle_commands(commands, store=store, registry=REGISTRY, internal=internal)
+
+    runner = ProcessManagerRunner(
+        TransferProcess(), handle=handle, handle_batch=handle_batch, registry=REGISTRY
+    )
+    rich, poor, target = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for account, balance in ((rich, 100), (poor, 5), (target, 0)):
+        await alone(
+            store,
+            envelope_for(
+                OpenAccount(owner_id="o", currency="EUR", initial_deposit=balance), account
+            ),
+        )
+    transfers = {
+        uuid.uuid4(): RequestTransfer(from_account_id=rich, to_account_id=target, amount=10),
+        uuid.uuid4(): RequestTransfer(from_account_id=rich, to_account_id=target, amount=20),
+        uuid.uuid4(): RequestTransfer(from_account_id=poor, to_account_id=target, amount=50),
+        uuid.uuid4(): RequestTransfer(from_account_id=rich, to_account_id=uuid.uuid4(), amount=7),
+    }
+    for transfer_id, request in transfers.items():
+        assert (await alone(store, envelope_for(request, transfer_id))).status == "accepted"
+
+    async def run_pages() -> None:
+        seen = 0
+        while events := await store.read_all(seen, 500):
+            await runner(events)
+            seen = events[-1].position
+
+    await run_pages()
+    statuses = {}
+    for transfer_id in transfers:
+        history = await store.load_stream(transfer_id)
+        statuses[transfer_id] = history[-1].type
+    assert list(statuses.values()) == [
+        "TransferCompleted",
+        "TransferCompleted",
+        "TransferFailed",
+        "TransferFailed",
+    ]
+    repository = AggregateRepository(store, REGISTRY, 0)
+    balances = [
+        (await repository.load(Account, account)).balance for account in (rich, poor, target)
+    ]
+    assert balances == [70, 5, 30]
+    assert max(batches) > 1
+    count = len(await read_all(pool, 0, 1_000))
+    await run_pages()  # after a crash before the checkpoint: duplicates only
+    assert len(await read_all(pool, 0, 1_000)) == count
+    source = await store.load_stream(rich)
+    assert [e.type for e in source].count("MoneyDebitedForTransfer") == 3
