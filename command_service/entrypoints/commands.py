@@ -175,6 +175,7 @@ class CommandConsumer:
         self._reply_prefixes = (*BROKER_REPLY_QUEUE_PREFIXES, reply_queue_prefix)
         self._partitions: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self.handled = 0
+        self.largest_batch = 0  # the most deliveries handled together so far
         self._pipeline: Pipeline[AbstractIncomingMessage, ReceivedCommand, Reply] = Pipeline(
             decode=self._decode,
             log_fields=_log_fields,
@@ -311,6 +312,7 @@ class CommandConsumer:
     async def process_batch(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         """Handle deliveries of one partition, in their order, to their end: replies sent,
         dead letters confirmed, then all acked at once (or the partition paused, see below)."""
+        self.largest_batch = max(self.largest_batch, len(messages))
         settling = _Settling()
         token = _SETTLING.set(settling)
         try:

@@ -3,16 +3,19 @@ PostgreSQL; each command's outcome is what it would have been alone."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
 from collections.abc import Sequence
 from typing import Any, cast
 
+import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
 
 from command_service.adapters.postgres_event_store import PostgresEventStore, read_all
+from command_service.bootstrap import CommandService
 from command_service.domains import ledger
 from command_service.domains.ledger.account import Account
 from command_service.domains.ledger.transfer import TransferProcess
@@ -27,7 +30,8 @@ from command_service.service_layer.handlers import (
 from command_service.service_layer.process_managers import ProcessManagerRunner
 from command_service.service_layer.registry import CommandRegistry
 from command_service.service_layer.repository import AggregateRepository
-from shared.client import envelope_for
+from shared import topology
+from shared.client import CommandClient, envelope_for
 from shared.ledger import (
     DepositMoney,
     MoneyDeposited,
@@ -304,3 +308,116 @@ async def test_a_process_manager_takes_a_page_of_reactions_in_batches(
     assert len(await read_all(pool, 0, 1_000)) == count
     source = await store.load_stream(rich)
     assert [e.type for e in source].count("MoneyDebitedForTransfer") == 3
+
+
+async def test_the_service_takes_a_backlog_in_batches_and_answers_each_command(
+    command_service: CommandService, client: CommandClient, broker: str
+) -> None:
+    accounts = [uuid.uuid4() for _ in range(6)]
+    for account in accounts:
+        opened = await client.send_command(OpenAccount(owner_id="o", currency="EUR"), account)
+        assert opened.status == "accepted"
+    deposits = [(account, amount) for amount in range(1, 31) for account in accounts]
+
+    replies = await asyncio.gather(
+        *(
+            client.send_command(DepositMoney(amount=amount), account, timeout=60)
+            for account, amount in deposits
+        )
+    )
+
+    assert {r.status for r in replies} == {"accepted"}
+    for account in accounts:
+        versions = sorted(r.version or 0 for r in replies if r.aggregate_id == account)
+        assert versions == list(range(2, 32))
+    positions = sorted(r.position or 0 for r in replies)
+    assert len(set(positions)) == len(positions)
+    assert command_service.consumer.largest_batch > 1
+    connection = await aio_pika.connect(broker)
+    try:
+        channel = await connection.channel()
+        for index in range(command_service.settings.command_partitions):
+            queue = await channel.declare_queue(
+                topology.command_partition_queue(index), passive=True
+            )
+            assert queue.declaration_result.message_count == 0  # nothing left unacked
+        dead = await channel.declare_queue(topology.COMMAND_DEAD_LETTER_QUEUE, passive=True)
+        assert dead.declaration_result.message_count == 0
+    finally:
+        await connection.close()
+    after = await client.send_command(WithdrawMoney(amount=sum(range(1, 31))), accounts[0])
+    assert (after.status, after.version) == ("accepted", 32)
+
+
+async def test_a_writer_racing_the_batch_only_makes_the_consumer_go_one_at_a_time(
+    store: PostgresEventStore, pool: asyncpg.Pool
+) -> None:
+    """Another writer (a process manager, another replica during a handover) moves a stream
+    between the batch's load and its commit: the commands are handled again one at a time,
+    each against fresh state; no event lost or doubled."""
+    replies = RecordingExchange()
+    consumer = consumer_on(store, replies)
+    account, other = uuid.uuid4(), uuid.uuid4()
+    for stream in (account, other):
+        await alone(store, envelope_for(OpenAccount(owner_id="o", currency="EUR"), stream))
+    original = store.append_batch
+    raced: list[uuid.UUID] = []
+
+    async def racing(*args: Any, **kwargs: Any) -> list[Reply]:
+        if not raced:
+            racer = envelope_for(DepositMoney(amount=100), account)
+            raced.append(racer.command_id)
+            assert (await alone(store, racer)).status == "accepted"
+        return await original(*args, **kwargs)
+
+    store.append_batch = racing  # type: ignore[method-assign]
+    envelopes = [
+        envelope_for(DepositMoney(amount=1), other),
+        envelope_for(WithdrawMoney(amount=50), account),  # needs the racer's deposit
+        envelope_for(DepositMoney(amount=2), account),
+    ]
+    messages = [message_for(e) for e in envelopes]
+
+    await consumer.process_batch(cast(list[AbstractIncomingMessage], messages))
+
+    answers = [Reply.model_validate_json(m.body) for m, _ in replies.published]
+    assert [(a.command_id, a.status, a.version) for a in answers] == [
+        (envelopes[0].command_id, "accepted", 2),
+        (envelopes[1].command_id, "accepted", 3),
+        (envelopes[2].command_id, "accepted", 4),
+    ]
+    events = await read_all(pool, 0, 100)
+    assert [(e.stream_id, e.version) for e in events] == [
+        (account, 1),
+        (other, 1),
+        (account, 2),
+        (other, 2),
+        (account, 3),
+        (account, 4),
+    ]
+    assert [m.settled for m in messages] == [[], [], ["ack multiple"]]
+
+
+def consumer_on(store: PostgresEventStore, replies: RecordingExchange) -> CommandConsumer:
+    return CommandConsumer(
+        connection=cast(AbstractConnection, None),
+        prefetch=64,
+        handle=functools.partial(
+            handle_command, store=store, registry=REGISTRY, concurrency_retries=3
+        ),
+        handle_batch=functools.partial(handle_commands, store=store, registry=REGISTRY),
+        batch_size=64,
+        registry=REGISTRY,
+        replies=cast(AbstractExchange, replies),
+        dead_letters=cast(AbstractExchange, RecordingExchange()),
+        max_message_bytes=65_536,
+    )
+
+
+def message_for(envelope: CommandEnvelope) -> FakeMessage:
+    return FakeMessage(
+        body=envelope.model_dump_json().encode(),
+        headers={AGGREGATE_ID_HEADER: str(envelope.aggregate_id)},
+        message_id=str(envelope.command_id),
+        reply_to="amq.gen-replies",
+    )
