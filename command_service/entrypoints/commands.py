@@ -1,4 +1,12 @@
-"""The AMQP command consumer: one sequential loop per partition queue.
+"""The AMQP command consumer: one sequential loop per partition queue, in batches.
+
+Each round takes the deliveries that are there already, up to the batch size (never waiting
+for more: a lone command is handled at once), and hands them to the service layer's batch use
+case (`handle_commands`: decided in order, stored in one transaction). A batch that cannot be
+stored as one (another writer came first) or whose handling raises anything but an outage is
+handled again one command at a time (`handle_command`), so the policy below applies to each
+command on its own. The replies of a batch are published together, dead letters confirmed, and
+then the batch is acked at once (`multiple`).
 
 Acknowledgement policy:
 - bad input (oversized body, wrong content type, malformed JSON, unknown type, schema
@@ -200,13 +208,13 @@ class CommandConsumer:
         )
 
     def start_partition(self, name: str) -> None:
-        """Consume one partition queue, one message at a time, under the supervisor."""
+        """Consume one partition queue, a batch at a time, under the supervisor."""
         stop = asyncio.Event()
         supervised = self._supervisor.spawn(name, lambda: self._consume(name, stop))
         self._partitions[name] = (stop, supervised.task)
 
     async def stop_partition(self, name: str, timeout: float = 10.0) -> None:
-        """Stop consuming a partition after the message in hand is finished.
+        """Stop consuming a partition after the batch in hand is finished.
 
         Messages delivered but not yet processed go back to the queue (they were never acked),
         so whoever consumes the partition next sees them first, in order.
