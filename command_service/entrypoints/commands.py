@@ -325,6 +325,9 @@ class CommandConsumer:
         token = _SETTLING.set(settling)
         try:
             outcomes = await self._pipeline.run(messages)
+        except BaseException:
+            settling.abandon()  # nothing is acked: the channel's close returns them all
+            raise
         finally:
             _SETTLING.reset(token)
         await settling.finish()
@@ -507,12 +510,17 @@ class _Settling:
     def hand_back(self, message: AbstractIncomingMessage) -> None:
         self._deliveries.append((message, False))
 
+    def abandon(self) -> None:
+        # Left to finish (cancelling one halfway could break the channel the partitions share
+        # for replies); what they raise is of no further use.
+        for reply in self._replies:
+            reply.add_done_callback(_retrieve)
+
     async def finish(self) -> None:
         try:
             await asyncio.gather(*self._replies)
         except BaseException:
-            for reply in self._replies:
-                reply.cancel()
+            self.abandon()
             raise
         prefix = 0  # the deliveries acked with one `multiple` ack: all before a hand-back
         while prefix < len(self._deliveries) and self._deliveries[prefix][1]:
@@ -525,6 +533,11 @@ class _Settling:
         for message, to_ack in self._deliveries[prefix:]:
             if to_ack:
                 await message.ack()
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 _SETTLING: contextvars.ContextVar[_Settling | None] = contextvars.ContextVar(
