@@ -64,7 +64,7 @@ from command_service.adapters.broker import dead_letter_message, reply_message
 from command_service.adapters.subscription import BROKER_ERRORS
 from command_service.metrics import CommandMetrics
 from command_service.model.authorization import Actor
-from command_service.service_layer.event_store import EventStoreUnavailableError
+from command_service.service_layer.event_store import EventStoreError, EventStoreUnavailableError
 from command_service.service_layer.handlers import BatchCommand, HandleCommand, HandleCommands
 from command_service.service_layer.registry import (
     CommandRegistry,
@@ -402,6 +402,9 @@ class CommandConsumer:
             except EventStoreUnavailableError:
                 raise  # the whole batch is retried in place, then handed back
             except Exception as e:  # noqa: BLE001 - nothing was stored: one at a time
+                if isinstance(e, EventStoreError):
+                    # Another writer came first: no one command's doing, so none is named.
+                    structlog.contextvars.clear_contextvars()
                 log.info("command_batch_split", size=len(batch), error=repr(e))
             else:
                 return [Outcome.ack(reply.status, reply) for reply in replies]
