@@ -46,7 +46,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import Awaitable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -321,6 +322,7 @@ class CommandConsumer:
         """Handle deliveries of one partition, in their order, to their end: replies sent,
         dead letters confirmed, then all acked at once (or the partition paused, see below)."""
         self.largest_batch = max(self.largest_batch, len(messages))
+        self._metrics.command_batch_size.observe(len(messages))
         settling = _Settling()
         token = _SETTLING.set(settling)
         try:
@@ -406,6 +408,7 @@ class CommandConsumer:
                     # Another writer came first: no one command's doing, so none is named.
                     structlog.contextvars.clear_contextvars()
                 log.info("command_batch_split", size=len(batch), error=repr(e))
+                self._metrics.command_batch_splits.inc()
             else:
                 return [Outcome.ack(reply.status, reply) for reply in replies]
         return await self._one_at_a_time(batch)
@@ -480,10 +483,19 @@ class CommandConsumer:
         return outcome
 
     def _record(self, delivery: Delivery, outcome: Outcome[Reply], seconds: float) -> None:
+        settling = _SETTLING.get()
+        if settling is not None:  # counted once acked with its batch
+            settling.then(lambda: self._count(delivery, outcome, delivery.started))
+        else:
+            self._count(delivery, outcome, time.perf_counter() - seconds)
+
+    def _count(self, delivery: Delivery, outcome: Outcome[Reply], started: float) -> None:
         if outcome.verdict is Verdict.ACK:
             self.handled += 1
         # The command type as far as it could be read (bound to the log with the envelope).
-        self._metrics.settled(delivery.fields.get("command_type"), outcome.status, seconds)
+        self._metrics.settled(
+            delivery.fields.get("command_type"), outcome.status, time.perf_counter() - started
+        )
 
     async def _reply(self, message: AbstractIncomingMessage, reply: Reply) -> None:
         reply_to = message.reply_to
@@ -504,11 +516,16 @@ class _Settling:
     def __init__(self) -> None:
         self._replies: list[asyncio.Future[None]] = []
         self._deliveries: list[tuple[AbstractIncomingMessage, bool]] = []  # (message, to ack)
+        self._counts: list[Callable[[], None]] = []
 
     def add(self, message: AbstractIncomingMessage, reply: Awaitable[None]) -> None:
         # Started now (publishes go out in call order), awaited together.
         self._replies.append(asyncio.ensure_future(reply))
         self._deliveries.append((message, True))
+
+    def then(self, count: Callable[[], None]) -> None:
+        """Run `count` once the batch is settled."""
+        self._counts.append(count)
 
     def hand_back(self, message: AbstractIncomingMessage) -> None:
         self._deliveries.append((message, False))
@@ -536,6 +553,8 @@ class _Settling:
         for message, to_ack in self._deliveries[prefix:]:
             if to_ack:
                 await message.ack()
+        for count in self._counts:
+            count()
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
