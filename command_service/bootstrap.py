@@ -24,7 +24,7 @@ from command_service.metrics import CommandMetrics
 from command_service.model.authorization import AuthorizationPolicy
 from command_service.model.domain import CommandDomain, load_command_domains
 from command_service.service_layer.access_control import authorization
-from command_service.service_layer.handlers import handle_command
+from command_service.service_layer.handlers import handle_command, handle_commands
 from command_service.service_layer.process_managers import ProcessManagerRunner
 from command_service.service_layer.registry import CommandRegistry
 from command_service.settings import CommandServiceSettings
@@ -118,18 +118,29 @@ async def start(
         supervisor = Supervisor()
     supervisor.transient = RECOVERABLE_ERRORS
     metrics.watch(supervisor)
+    store = PostgresEventStore(pool, append_seconds=metrics.event_append_seconds)
+    policy = build_policy(settings, domains)
     handle = functools.partial(
         handle_command,
-        store=PostgresEventStore(pool, append_seconds=metrics.event_append_seconds),
+        store=store,
         registry=registry,
         concurrency_retries=settings.concurrency_retries,
         snapshot_every=settings.snapshot_every,
-        authorize=build_policy(settings, domains),
+        authorize=policy,
+    )
+    handle_batch = functools.partial(
+        handle_commands,
+        store=store,
+        registry=registry,
+        snapshot_every=settings.snapshot_every,
+        authorize=policy,
     )
     consumer = CommandConsumer(
         connection=amqp,
         prefetch=settings.prefetch,
         handle=handle,
+        handle_batch=handle_batch,
+        batch_size=settings.command_batch_size,
         registry=registry,
         replies=replies.default_exchange,
         dead_letters=await broker.declare_dead_letter_exchange(confirmed),
@@ -151,7 +162,9 @@ async def start(
         Subscription(
             name=process.name,
             dsn=settings.postgres_dsn,
-            handler=ProcessManagerRunner(process, handle=handle, registry=registry),
+            handler=ProcessManagerRunner(
+                process, handle=handle, handle_batch=handle_batch, registry=registry
+            ),
             batch_size=settings.relay_batch_size,
             poll_seconds=settings.relay_poll_seconds,
             leader_timeout=settings.leader_timeout_seconds,

@@ -42,9 +42,22 @@ class CommandMetrics:
             buckets=_HANDLING,
             registry=self.registry,
         )
+        self.command_batch_size = Histogram(
+            "cqrs_command_batch_size",
+            "Command messages of one partition taken together (those delivered already)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=self.registry,
+        )
+        self.command_batch_splits = Counter(
+            "cqrs_command_batch_splits",
+            "Batches handled again one command at a time: another writer came first, or a "
+            "command's handling raised",
+            registry=self.registry,
+        )
         self.event_append_seconds = Histogram(
             "cqrs_event_append_seconds",
-            "The event store's append transaction (events, command record, notify)",
+            "The event store's append transaction (events, command records, notify), of one "
+            "command or of a batch",
             buckets=_FAST,
             registry=self.registry,
         )

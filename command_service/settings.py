@@ -47,6 +47,14 @@ class CommandServiceSettings(CommonSettings):
     concurrency_retries: int = Field(
         default=5, ge=0, le=100, description="retries of a lost optimistic-concurrency race"
     )
+    command_batch_size: int = Field(
+        default=64,
+        ge=1,
+        le=10_000,
+        description="commands of one partition decided and stored in one transaction, at most "
+        "(and at most `CQRS_PREFETCH`): those delivered already, never waited for; `1`: one at "
+        "a time",
+    )
     snapshot_every: int = Field(
         default=100, ge=0, description="snapshot an aggregate every N versions (`0`: never)"
     )

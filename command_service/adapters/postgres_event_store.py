@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,6 +21,8 @@ from uuid import UUID
 import asyncpg
 
 from command_service.service_layer.event_store import (
+    Appending,
+    BatchWrite,
     ConcurrencyError,
     DuplicateCommandError,
     EventStoreUnavailableError,
@@ -121,6 +123,8 @@ class _CommandLog:
     record: str
     reject: str
     key: str  # the constraint a second record of one command id violates
+    find_many: str  # (command_id, reply) of the ids recorded, the key space's own first
+    record_many: str  # records each one not recorded yet; returns the ids it recorded
 
 
 _CLIENT_LOG = _CommandLog(
@@ -134,6 +138,12 @@ _CLIENT_LOG = _CommandLog(
               UNION ALL SELECT reply FROM commands WHERE command_id = $1
               LIMIT 1""",
     key="commands_pkey",
+    find_many="SELECT command_id, reply FROM commands WHERE command_id = ANY($1::uuid[])",
+    record_many="""INSERT INTO commands (command_id, aggregate_id, reply, client_only)
+                   SELECT command_id, aggregate_id, reply::jsonb, true
+                   FROM unnest($1::uuid[], $2::uuid[], $3::text[])
+                        AS given(command_id, aggregate_id, reply)
+                   ON CONFLICT (command_id) DO NOTHING RETURNING command_id""",
 )
 _INTERNAL_LOG = _CommandLog(
     # A record not marked client_only was written before the key spaces existed (or by an
@@ -151,6 +161,18 @@ _INTERNAL_LOG = _CommandLog(
               UNION ALL SELECT reply FROM internal_commands WHERE command_id = $1
               LIMIT 1""",
     key="internal_commands_pkey",
+    find_many="""SELECT command_id, reply FROM (
+                     SELECT command_id, reply, 0 AS rank FROM internal_commands
+                     WHERE command_id = ANY($1::uuid[])
+                     UNION ALL
+                     SELECT command_id, reply, 1 AS rank FROM commands
+                     WHERE command_id = ANY($1::uuid[]) AND NOT client_only) AS found
+                 ORDER BY rank""",
+    record_many="""INSERT INTO internal_commands (command_id, aggregate_id, reply)
+                   SELECT command_id, aggregate_id, reply::jsonb
+                   FROM unnest($1::uuid[], $2::uuid[], $3::text[])
+                        AS given(command_id, aggregate_id, reply)
+                   ON CONFLICT (command_id) DO NOTHING RETURNING command_id""",
 )
 
 
@@ -329,6 +351,166 @@ class PostgresEventStore:
         )
         await connection.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(last))
         return reply
+
+    async def find_replies(
+        self, command_ids: Sequence[UUID], *, internal: bool = False
+    ) -> dict[UUID, Reply]:
+        async with translate_driver_errors():
+            rows = await self._pool.fetch(_command_log(internal).find_many, list(command_ids))
+        found: dict[UUID, Reply] = {}
+        for row in rows:
+            if row["command_id"] not in found:
+                found[row["command_id"]] = Reply.model_validate(row["reply"])
+        return found
+
+    async def load_snapshots(self, stream_ids: Sequence[UUID]) -> dict[UUID, Snapshot]:
+        async with translate_driver_errors():
+            rows = await self._pool.fetch(
+                """SELECT stream_id, aggregate_type, version, schema_version, state
+                   FROM snapshots WHERE stream_id = ANY($1::uuid[])""",
+                list(stream_ids),
+            )
+        return {row["stream_id"]: Snapshot(**dict(row.items())) for row in rows}
+
+    async def load_streams(
+        self, after_versions: Mapping[UUID, int]
+    ) -> dict[UUID, list[StoredEvent]]:
+        async with translate_driver_errors():
+            rows = await self._pool.fetch(
+                f"""SELECT {_COLUMNS} FROM events
+                    JOIN unnest($1::uuid[], $2::integer[]) AS wanted(stream, after_version)
+                      ON events.stream_id = wanted.stream AND events.version > wanted.after_version
+                    ORDER BY stream_id, version""",
+                list(after_versions),
+                list(after_versions.values()),
+            )
+        streams: dict[UUID, list[StoredEvent]] = {stream_id: [] for stream_id in after_versions}
+        for row in rows:
+            streams[row["stream_id"]].append(_stored(row))
+        return streams
+
+    async def append_batch(
+        self, writes: Sequence[BatchWrite], *, internal: bool = False
+    ) -> list[Reply]:
+        command_log = _command_log(internal)
+        async with translate_driver_errors(), self._pool.acquire() as connection:
+            started = time.perf_counter()
+            try:
+                async with connection.transaction():
+                    return await self._append_batch(connection, writes, command_log)
+            except (asyncpg.UniqueViolationError, asyncpg.ForeignKeyViolationError) as e:
+                # Another writer came first (a stream's next version, its first event of
+                # another type, a command id): nothing of the batch was stored.
+                raise ConcurrencyError(
+                    f"another writer came first ({e.constraint_name}); the batch was not stored"
+                ) from e
+            finally:
+                if self._append_seconds is not None:
+                    self._append_seconds.observe(time.perf_counter() - started)
+
+    @staticmethod
+    async def _append_batch(
+        connection: Connection, writes: Sequence[BatchWrite], command_log: _CommandLog
+    ) -> list[Reply]:
+        appends = [write for write in writes if isinstance(write, Appending)]
+        replies: list[Reply] = []
+        rows_to_insert: list[tuple[Any, ...]] = []
+        last = position = 0
+        if appends:
+            # Fail fast, before taking the position lock, when a stream already moved on.
+            first_expected: dict[UUID, int] = {}
+            for append in appends:
+                first_expected.setdefault(append.stream_id, append.expected_version)
+            rows = await connection.fetch(
+                """SELECT stream_id, max(version) AS version FROM events
+                   WHERE stream_id = ANY($1::uuid[]) GROUP BY stream_id""",
+                list(first_expected),
+            )
+            current = {row["stream_id"]: row["version"] for row in rows}
+            moved = [s for s, v in first_expected.items() if current.get(s, 0) != v]
+            if moved:
+                raise ConcurrencyError(
+                    f"stream {moved[0]} is at version {current.get(moved[0], 0)}, not "
+                    f"{first_expected[moved[0]]}"
+                )
+            total = sum(len(append.events) for append in appends)
+            # One update of the position counter for the batch (its row lock held until
+            # commit: positions follow commit order), the positions in batch order.
+            last = await connection.fetchval(
+                "UPDATE event_position SET last = last + $1 RETURNING last", total
+            )
+            position = last - total
+        for write in writes:
+            if not isinstance(write, Appending):
+                replies.append(write)
+                continue
+            metadata: dict[str, Any] = {
+                "correlation_id": write.correlation_id,
+                "causation_id": str(write.command_id),
+                "user": write.user,
+            }
+            if write.traceparent is not None:
+                metadata["traceparent"] = write.traceparent
+            for i, event in enumerate(write.events):
+                position += 1
+                rows_to_insert.append(
+                    (
+                        position,
+                        event.event_id,
+                        write.stream_id,
+                        write.aggregate_type,
+                        write.expected_version + 1 + i,
+                        event.type,
+                        event.schema_version,
+                        event.data,
+                        metadata,
+                    )
+                )
+            replies.append(
+                Reply(
+                    command_id=write.command_id,
+                    status="accepted",
+                    aggregate_id=write.stream_id,
+                    version=write.expected_version + len(write.events),
+                    position=position,
+                )
+            )
+        if appends:
+            await connection.executemany(
+                """INSERT INTO events (position, event_id, stream_id, aggregate_type, version,
+                                       type, schema_version, data, metadata)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+                rows_to_insert,
+            )
+        recorded = {
+            row["command_id"]
+            for row in await connection.fetch(
+                command_log.record_many,
+                [reply.command_id for reply in replies],
+                [reply.aggregate_id for reply in replies],
+                [reply.model_dump_json() for reply in replies],
+            )
+        }
+        for append in appends:
+            if append.command_id not in recorded:
+                raise ConcurrencyError(f"command {append.command_id} was recorded meanwhile")
+        if len(recorded) < len(replies):
+            # Rejections recorded before (by another writer since the batch looked): each
+            # answers with the reply stored first.
+            rows = await connection.fetch(
+                command_log.find_many,
+                [reply.command_id for reply in replies if reply.command_id not in recorded],
+            )
+            stored: dict[UUID, Reply] = {}
+            for row in rows:
+                stored.setdefault(row["command_id"], Reply.model_validate(row["reply"]))
+            replies = [
+                reply if reply.command_id in recorded else stored[reply.command_id]
+                for reply in replies
+            ]
+        if appends:
+            await connection.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(last))
+        return replies
 
     async def record_rejection(self, reply: Reply, *, internal: bool = False) -> Reply:
         async with translate_driver_errors():

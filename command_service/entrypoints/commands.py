@@ -1,4 +1,12 @@
-"""The AMQP command consumer: one sequential loop per partition queue.
+"""The AMQP command consumer: one sequential loop per partition queue, in batches.
+
+Each round takes the deliveries that are there already, up to the batch size (never waiting
+for more: a lone command is handled at once), and hands them to the service layer's batch use
+case (`handle_commands`: decided in order, stored in one transaction). A batch that cannot be
+stored as one (another writer came first) or whose handling raises anything but an outage is
+handled again one command at a time (`handle_command`), so the policy below applies to each
+command on its own. The replies of a batch are published together, dead letters confirmed, and
+then the batch is acked at once (`multiple`).
 
 Acknowledgement policy:
 - bad input (oversized body, wrong content type, malformed JSON, unknown type, schema
@@ -37,7 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+import contextvars
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -55,8 +65,8 @@ from command_service.adapters.broker import dead_letter_message, reply_message
 from command_service.adapters.subscription import BROKER_ERRORS
 from command_service.metrics import CommandMetrics
 from command_service.model.authorization import Actor
-from command_service.service_layer.event_store import EventStoreUnavailableError
-from command_service.service_layer.handlers import HandleCommand
+from command_service.service_layer.event_store import EventStoreError, EventStoreUnavailableError
+from command_service.service_layer.handlers import BatchCommand, HandleCommand, HandleCommands
 from command_service.service_layer.registry import (
     CommandRegistry,
     ParsedCommand,
@@ -149,6 +159,8 @@ class CommandConsumer:
         prefetch: int,
         handle: HandleCommand,
         registry: CommandRegistry,
+        handle_batch: HandleCommands | None = None,
+        batch_size: int = 1,
         replies: AbstractExchange,
         dead_letters: AbstractExchange,
         max_message_bytes: int,
@@ -161,6 +173,9 @@ class CommandConsumer:
         self._connection = connection
         self._prefetch = prefetch
         self._handle_command = handle
+        self._handle_batch = handle_batch
+        # Never more than the channel may hold unacked.
+        self._batch_size = max(1, min(batch_size, prefetch))
         self._registry = registry
         self._replies = replies
         self._dead_letters = dead_letters
@@ -169,6 +184,7 @@ class CommandConsumer:
         self._reply_prefixes = (*BROKER_REPLY_QUEUE_PREFIXES, reply_queue_prefix)
         self._partitions: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self.handled = 0
+        self.largest_batch = 0  # the most deliveries handled together so far
         self._pipeline: Pipeline[AbstractIncomingMessage, ReceivedCommand, Reply] = Pipeline(
             decode=self._decode,
             log_fields=_log_fields,
@@ -193,13 +209,13 @@ class CommandConsumer:
         )
 
     def start_partition(self, name: str) -> None:
-        """Consume one partition queue, one message at a time, under the supervisor."""
+        """Consume one partition queue, a batch at a time, under the supervisor."""
         stop = asyncio.Event()
         supervised = self._supervisor.spawn(name, lambda: self._consume(name, stop))
         self._partitions[name] = (stop, supervised.task)
 
     async def stop_partition(self, name: str, timeout: float = 10.0) -> None:
-        """Stop consuming a partition after the message in hand is finished.
+        """Stop consuming a partition after the batch in hand is finished.
 
         Messages delivered but not yet processed go back to the queue (they were never acked),
         so whoever consumes the partition next sees them first, in order.
@@ -265,29 +281,64 @@ class CommandConsumer:
     async def _consume_queue(self, queue: AbstractQueue, stopped: asyncio.Task[bool]) -> None:
         async with queue.iterator() as messages:
             iterator = aiter(messages)
-            while not stopped.done():
-                receive = asyncio.ensure_future(anext(iterator))
-                await asyncio.wait({receive, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if not receive.done():
+            receive: asyncio.Future[AbstractIncomingMessage] | None = None
+            try:
+                while not stopped.done():
+                    if receive is None:
+                        receive = asyncio.ensure_future(anext(iterator))
+                    waiting: set[asyncio.Future[Any]] = {receive, stopped}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    if not receive.done():
+                        return
+                    batch: list[AbstractIncomingMessage] = []
+                    ended = False
+                    # What is delivered already joins the batch; nothing is waited for.
+                    while receive is not None and receive.done():
+                        try:
+                            batch.append(receive.result())
+                        except StopAsyncIteration:
+                            ended = True  # the consumer was cancelled by the broker
+                        receive = None
+                        if ended or len(batch) >= self._batch_size:
+                            break
+                        receive = asyncio.ensure_future(anext(iterator))
+                        await asyncio.sleep(0)  # one turn: done by then if one is buffered
+                    if batch:
+                        await self.process_batch(batch)
+                        mark_healthy()
+                    if ended:
+                        return  # consume again
+            finally:
+                if receive is not None and not receive.done():
                     receive.cancel()
                     with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                         await receive
-                    return
-                try:
-                    message = receive.result()
-                except StopAsyncIteration:
-                    return  # the consumer was cancelled by the broker: consume again
-                await self.process(message)
-                mark_healthy()
 
     async def process(self, message: AbstractIncomingMessage) -> None:
         """Handle one delivery to its end: acked, dead-lettered or requeued."""
-        [outcome] = await self._pipeline.run([message])
-        if outcome.verdict is Verdict.REQUEUE:
-            # Not a nack of this one message: the next ones are delivered here already and would
-            # be handled before it came back. Closing the channel returns it and all of them to
-            # the queue, in their order.
-            raise PartitionPausedError(outcome.reason) from outcome.error
+        await self.process_batch([message])
+
+    async def process_batch(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Handle deliveries of one partition, in their order, to their end: replies sent,
+        dead letters confirmed, then all acked at once (or the partition paused, see below)."""
+        self.largest_batch = max(self.largest_batch, len(messages))
+        self._metrics.command_batch_size.observe(len(messages))
+        settling = _Settling()
+        token = _SETTLING.set(settling)
+        try:
+            outcomes = await self._pipeline.run(messages)
+        except BaseException:
+            settling.abandon()  # nothing is acked: the channel's close returns them all
+            raise
+        finally:
+            _SETTLING.reset(token)
+        await settling.finish()
+        for outcome in outcomes:
+            if outcome.verdict is Verdict.REQUEUE:
+                # Not a nack of this one message: the next ones are delivered here already and
+                # would be handled before it came back. Closing the channel returns it and all
+                # of them to the queue, in their order.
+                raise PartitionPausedError(outcome.reason) from outcome.error
 
     # --- what the pipeline asks of this consumer ---------------------------------------------
 
@@ -339,11 +390,47 @@ class CommandConsumer:
             raise BadCommandError("invalid_payload", _describe(e), envelope) from e
 
     async def _handle(self, batch: Sequence[Delivery]) -> list[Outcome[Reply]]:
+        if len(batch) == 1:
+            # Alone: what it raises is contained by the pipeline's policy.
+            [delivery] = batch
+            command = delivery.value
+            reply = await self._handle_command(command.parsed, actor=command.actor)
+            return [Outcome.ack(reply.status, reply)]
+        if self._handle_batch is not None:
+            try:
+                replies = await self._handle_batch(
+                    [BatchCommand(d.value.parsed, d.value.actor, scope=d.scope) for d in batch]
+                )
+            except EventStoreUnavailableError:
+                raise  # the whole batch is retried in place, then handed back
+            except Exception as e:  # noqa: BLE001 - nothing was stored: one at a time
+                if isinstance(e, EventStoreError):
+                    # Another writer came first: no one command's doing, so none is named.
+                    structlog.contextvars.clear_contextvars()
+                log.info("command_batch_split", size=len(batch), error=repr(e))
+                self._metrics.command_batch_splits.inc()
+            else:
+                return [Outcome.ack(reply.status, reply) for reply in replies]
+        return await self._one_at_a_time(batch)
+
+    async def _one_at_a_time(self, batch: Sequence[Delivery]) -> list[Outcome[Reply]]:
+        """Each command on its own, so that a conflict is retried as alone and a command
+        whose handling raises is the only one dead-lettered."""
         outcomes: list[Outcome[Reply]] = []
         for delivery in batch:
+            if outcomes and outcomes[-1].verdict is Verdict.RETRY:
+                outcomes.append(outcomes[-1])  # after an outage: retried in their order
+                continue
             with delivery.scope():
                 command = delivery.value
-                reply = await self._handle_command(command.parsed, actor=command.actor)
+                try:
+                    reply = await self._handle_command(command.parsed, actor=command.actor)
+                except EventStoreUnavailableError as e:
+                    outcomes.append(Outcome.retry(e))
+                    continue
+                except Exception as e:  # noqa: BLE001 - contained per message
+                    outcomes.append(self._failed(delivery, e))
+                    continue
             outcomes.append(Outcome.ack(reply.status, reply))
         return outcomes
 
@@ -362,13 +449,18 @@ class CommandConsumer:
     async def _settle(self, delivery: Delivery, outcome: Outcome[Reply]) -> Outcome[Reply]:
         message = delivery.message
         if outcome.verdict is Verdict.REQUEUE:
-            return outcome  # nothing is sent: `process` closes the channel, which returns it
+            # Nothing is sent: `process_batch` closes the channel, which returns it.
+            settling = _SETTLING.get()
+            if settling is not None:
+                settling.hand_back(message)
+            return outcome
         reply = outcome.result
         if reply is None:
             raise ValueError(f"a command settled as {outcome.status} needs its reply")
         if outcome.verdict is Verdict.DEAD_LETTER:
             reason = outcome.reason or outcome.status
             log.warning("command_dead_lettered", reason=reason)
+            # Confirmed before the batch is acked.
             await self._dead_letters.publish(
                 dead_letter_message(message, reason, max_body_bytes=self._max_message_bytes),
                 routing_key="",
@@ -381,15 +473,29 @@ class CommandConsumer:
                 position=reply.position,
                 error_code=reply.error.code if reply.error else None,
             )
-        await self._reply(message, reply)
-        await message.ack()
+        settling = _SETTLING.get()
+        published = self._reply(message, reply)
+        if settling is None:
+            await published
+            await message.ack()
+        else:
+            settling.add(message, published)
         return outcome
 
     def _record(self, delivery: Delivery, outcome: Outcome[Reply], seconds: float) -> None:
+        settling = _SETTLING.get()
+        if settling is not None:  # counted once acked with its batch
+            settling.then(lambda: self._count(delivery, outcome, delivery.started))
+        else:
+            self._count(delivery, outcome, time.perf_counter() - seconds)
+
+    def _count(self, delivery: Delivery, outcome: Outcome[Reply], started: float) -> None:
         if outcome.verdict is Verdict.ACK:
             self.handled += 1
         # The command type as far as it could be read (bound to the log with the envelope).
-        self._metrics.settled(delivery.fields.get("command_type"), outcome.status, seconds)
+        self._metrics.settled(
+            delivery.fields.get("command_type"), outcome.status, time.perf_counter() - started
+        )
 
     async def _reply(self, message: AbstractIncomingMessage, reply: Reply) -> None:
         reply_to = message.reply_to
@@ -402,6 +508,63 @@ class CommandConsumer:
         await self._replies.publish(
             reply_message(reply, message.correlation_id), routing_key=reply_to
         )
+
+
+class _Settling:
+    """A batch's replies in flight and its deliveries, to ack once every reply is sent."""
+
+    def __init__(self) -> None:
+        self._replies: list[asyncio.Future[None]] = []
+        self._deliveries: list[tuple[AbstractIncomingMessage, bool]] = []  # (message, to ack)
+        self._counts: list[Callable[[], None]] = []
+
+    def add(self, message: AbstractIncomingMessage, reply: Awaitable[None]) -> None:
+        # Started now (publishes go out in call order), awaited together.
+        self._replies.append(asyncio.ensure_future(reply))
+        self._deliveries.append((message, True))
+
+    def then(self, count: Callable[[], None]) -> None:
+        """Run `count` once the batch is settled."""
+        self._counts.append(count)
+
+    def hand_back(self, message: AbstractIncomingMessage) -> None:
+        self._deliveries.append((message, False))
+
+    def abandon(self) -> None:
+        # Left to finish (cancelling one halfway could break the channel the partitions share
+        # for replies); what they raise is of no further use.
+        for reply in self._replies:
+            reply.add_done_callback(_retrieve)
+
+    async def finish(self) -> None:
+        try:
+            await asyncio.gather(*self._replies)
+        except BaseException:
+            self.abandon()
+            raise
+        prefix = 0  # the deliveries acked with one `multiple` ack: all before a hand-back
+        while prefix < len(self._deliveries) and self._deliveries[prefix][1]:
+            prefix += 1
+        if prefix == 1:
+            await self._deliveries[0][0].ack()
+        elif prefix > 1:
+            # Delivery tags grow in delivery order on the partition's channel.
+            await self._deliveries[prefix - 1][0].ack(multiple=True)
+        for message, to_ack in self._deliveries[prefix:]:
+            if to_ack:
+                await message.ack()
+        for count in self._counts:
+            count()
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+_SETTLING: contextvars.ContextVar[_Settling | None] = contextvars.ContextVar(
+    "command_settling", default=None
+)
 
 
 def _dead_letter(

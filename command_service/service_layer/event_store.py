@@ -7,7 +7,7 @@ snapshots; the records they are read and written as, and the errors an implement
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -61,6 +61,25 @@ class NewEvent:
     @classmethod
     def from_event(cls, event: Event) -> NewEvent:
         return cls(uuid4(), event.type_name(), event.schema_version, event.model_dump(mode="json"))
+
+
+@dataclass(frozen=True)
+class Appending:
+    """One command's accepted events, to be appended with the others of a batch
+    (`EventStore.append_batch`); the fields are `EventStore.append`'s."""
+
+    stream_id: UUID
+    aggregate_type: str
+    expected_version: int
+    events: Sequence[NewEvent]
+    command_id: UUID
+    correlation_id: str | None
+    user: str | None = None
+    traceparent: str | None = None
+
+
+# What a batch stores for one command: its events, or its rejection (a `Reply`).
+BatchWrite = Appending | Reply
 
 
 @dataclass(frozen=True)
@@ -161,6 +180,38 @@ class EventStore(Protocol):
 
     async def record_rejection(self, reply: Reply, *, internal: bool = False) -> Reply:
         """Record a rejected command; return the reply stored first for that command id."""
+        ...
+
+    async def find_replies(
+        self, command_ids: Sequence[UUID], *, internal: bool = False
+    ) -> dict[UUID, Reply]:
+        """`find_reply` for many command ids in one round trip: the ones recorded."""
+        ...
+
+    async def load_snapshots(self, stream_ids: Sequence[UUID]) -> dict[UUID, Snapshot]:
+        """`load_snapshot` for many streams in one round trip: the ones that have one."""
+        ...
+
+    async def load_streams(
+        self, after_versions: Mapping[UUID, int]
+    ) -> dict[UUID, list[StoredEvent]]:
+        """`load_stream` for many streams in one round trip: each stream's events after the
+        version it is mapped to, in version order (an empty list for a stream without any)."""
+        ...
+
+    async def append_batch(
+        self, writes: Sequence[BatchWrite], *, internal: bool = False
+    ) -> list[Reply]:
+        """Store a batch's outcomes in one transaction, in their order: the events of each
+        `Appending` (positions in batch order, several for one stream one after the other) with
+        its command record, and each rejection; return one reply per write.
+
+        An `Appending` gets its `accepted` reply, a rejection the reply stored first for its
+        command id (itself, or one recorded before). All or nothing: raises `ConcurrencyError`
+        when a stream moved past an append's `expected_version` or another writer recorded an
+        appending command's id first, `WrongAggregateTypeError` when another type's first
+        append of a stream won a race; nothing of the batch is stored then.
+        """
         ...
 
     async def read_all(self, after: int, limit: int) -> list[StoredEvent]: ...

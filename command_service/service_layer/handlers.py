@@ -1,7 +1,12 @@
-"""Handling one command: idempotency check, load, decide, append, with bounded retries."""
+"""Handling commands: idempotency check, load, decide, append; one command with bounded
+retries (`handle_command`), or a batch in one transaction (`handle_commands`)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 from uuid import UUID
 
@@ -10,6 +15,8 @@ import structlog
 from command_service.model.aggregate import Aggregate, DomainError
 from command_service.model.authorization import FORBIDDEN, Actor, AuthorizationPolicy
 from command_service.service_layer.event_store import (
+    Appending,
+    BatchWrite,
     ConcurrencyError,
     DuplicateCommandError,
     EventStore,
@@ -17,7 +24,7 @@ from command_service.service_layer.event_store import (
     WrongAggregateTypeError,
 )
 from command_service.service_layer.registry import CommandRegistry, ParsedCommand
-from command_service.service_layer.repository import AggregateRepository
+from command_service.service_layer.repository import AggregateRepository, LoadedStream
 from cqrs_runtime import tracing
 from shared.messages import CommandEnvelope, Reply, ReplyError
 
@@ -32,6 +39,24 @@ class HandleCommand(Protocol):
     async def __call__(
         self, command: ParsedCommand | CommandEnvelope, *, actor: Actor, internal: bool = False
     ) -> Reply: ...
+
+
+@dataclass(frozen=True)
+class BatchCommand:
+    """One command of a batch: the command parsed, who sends it, and `scope`, the context its
+    work runs in (its log fields and span bound: the consumer pipeline's `Item.scope`)."""
+
+    command: ParsedCommand
+    actor: Actor
+    scope: Callable[[], AbstractContextManager[None]] = field(default=contextlib.nullcontext)
+
+
+class HandleCommands(Protocol):
+    """`handle_commands` with its dependencies bound, as the entrypoints receive it."""
+
+    async def __call__(
+        self, commands: Sequence[BatchCommand], *, internal: bool = False
+    ) -> list[Reply]: ...
 
 
 def _as_duplicate(reply: Reply) -> Reply:
@@ -161,3 +186,159 @@ async def _reject(
     reply = _rejection(envelope, code, message)
     stored = await store.record_rejection(reply, internal=internal)
     return stored if stored == reply else _as_duplicate(stored)
+
+
+async def handle_commands(
+    commands: Sequence[BatchCommand],
+    *,
+    store: EventStore,
+    registry: CommandRegistry,
+    internal: bool = False,
+    snapshot_every: int = 0,
+    authorize: AuthorizationPolicy | None = None,
+) -> list[Reply]:
+    """Decide a batch of commands in order and store all their outcomes in one transaction;
+    one reply each, in order, as `handle_command` would have given them one after the other.
+
+    The batch's stored replies are looked up in one round trip, its aggregates' snapshots and
+    streams in one each. Commands for one aggregate are decided one after the other on its
+    state in memory (a command sees the events of those before it in the batch). Then one
+    transaction appends every accepted command's events (positions in batch order), records
+    every command and rejection, and notifies the relay once. A command id seen before, or
+    earlier in the batch, is a `duplicate` of its stored reply, as is a rejection whose command
+    id another writer recorded meanwhile.
+
+    Raises `EventStoreUnavailableError` when the store is away; any other error (another writer
+    came first: `ConcurrencyError`, `WrongAggregateTypeError`; a decision that raised) means
+    nothing of the batch was stored, and the caller handles its commands one at a time with
+    `handle_command` (which retries lost races, and contains a failing command on its own).
+    """
+    stored = await store.find_replies(
+        list({c.command.envelope.command_id: None for c in commands}), internal=internal
+    )
+    first_of: dict[UUID, int] = {}  # a command id's first place in the batch
+    deciding: list[int] = []
+    wanted: dict[UUID, type[Aggregate]] = {}
+    for index, item in enumerate(commands):
+        envelope = item.command.envelope
+        if envelope.command_id in stored or envelope.command_id in first_of:
+            continue
+        first_of[envelope.command_id] = index
+        deciding.append(index)
+        wanted.setdefault(envelope.aggregate_id, item.command.aggregate)
+    repository = AggregateRepository(store, registry, snapshot_every)
+    loaded = await repository.load_many(wanted) if wanted else {}
+    batch = _BatchState(repository, loaded)
+    writes: list[BatchWrite] = []
+    for index in deciding:
+        item = commands[index]
+        with item.scope():
+            writes.append(await batch.decide(item, authorize))
+    results = await store.append_batch(writes, internal=internal) if writes else []
+    outcome: dict[UUID, Reply] = {}
+    for write, result in zip(writes, results, strict=True):
+        if isinstance(write, Appending):
+            outcome[write.command_id] = result
+        else:
+            outcome[write.command_id] = result if result == write else _as_duplicate(result)
+    replies: list[Reply] = []
+    for index, item in enumerate(commands):
+        command_id = item.command.envelope.command_id
+        if command_id in stored:
+            replies.append(_as_duplicate(stored[command_id]))
+        elif first_of[command_id] != index:
+            replies.append(_as_duplicate(outcome[command_id]))
+        else:
+            replies.append(outcome[command_id])
+    await batch.snapshot()
+    return replies
+
+
+class _BatchState:
+    """The aggregates of a batch in memory, as its decisions leave them."""
+
+    def __init__(self, repository: AggregateRepository, loaded: dict[UUID, LoadedStream]) -> None:
+        self._repository = repository
+        self._loaded = loaded
+        self._types = {stream: s.recorded_type for stream, s in loaded.items()}
+        self._aggregates: dict[tuple[UUID, type[Aggregate]], Aggregate] = {}
+        self._loaded_at: dict[tuple[UUID, type[Aggregate]], int] = {}
+
+    def aggregate(self, aggregate_class: type[A], aggregate_id: UUID) -> A:
+        """The aggregate as the batch's decisions so far leave it; raises
+        `WrongAggregateTypeError` when its stream is another type's (also one opened earlier
+        in the batch)."""
+        recorded = self._types.get(aggregate_id)
+        wanted = aggregate_class.aggregate_type
+        if recorded is not None and recorded != wanted:
+            raise WrongAggregateTypeError(aggregate_id, wanted, recorded)
+        key = (aggregate_id, aggregate_class)
+        found = self._aggregates.get(key)
+        if found is None:
+            found = self._repository.rebuild(aggregate_class, self._loaded[aggregate_id])
+            self._aggregates[key] = found
+            self._loaded_at[key] = found.version
+        assert isinstance(found, aggregate_class)
+        return found
+
+    async def load(self, other_class: type[A], other_id: UUID) -> A | None:
+        """Another aggregate for the policy, read-only: None when none of that type exists;
+        as the batch leaves it when the batch holds it."""
+        try:
+            if other_id in self._loaded:
+                found = self.aggregate(other_class, other_id)
+            else:
+                found = await self._repository.load(other_class, other_id)
+        except WrongAggregateTypeError:
+            return None
+        return found if found.version > 0 else None
+
+    async def decide(self, item: BatchCommand, authorize: AuthorizationPolicy | None) -> BatchWrite:
+        """What the batch stores for one command: its events or its rejection; the aggregate
+        in memory takes the events."""
+        parsed, actor = item.command, item.actor
+        envelope, aggregate_class = parsed.envelope, parsed.aggregate
+        try:
+            aggregate = self.aggregate(aggregate_class, envelope.aggregate_id)
+        except WrongAggregateTypeError as e:
+            return _rejection(envelope, "wrong_aggregate_type", str(e))
+        if authorize is not None:
+            try:
+                await authorize(actor, parsed.command, aggregate, self.load)
+            except DomainError as e:
+                if e.code == FORBIDDEN:
+                    log.info("command_forbidden", user=actor.name, reason=e.message)
+                return _rejection(envelope, e.code, e.message)
+        if envelope.expected_version is not None and envelope.expected_version != aggregate.version:
+            return _rejection(
+                envelope,
+                "concurrency_conflict",
+                f"expected version {envelope.expected_version}, "
+                f"aggregate is at {aggregate.version}",
+            )
+        try:
+            events = aggregate.decide(parsed.command)
+        except DomainError as e:
+            return _rejection(envelope, e.code, e.message)
+        if not events:
+            return _rejection(envelope, "no_change", "the command changes nothing")
+        append = Appending(
+            stream_id=envelope.aggregate_id,
+            aggregate_type=aggregate_class.aggregate_type,
+            expected_version=aggregate.version,
+            events=[NewEvent.from_event(event) for event in events],
+            command_id=envelope.command_id,
+            correlation_id=envelope.metadata.correlation_id,
+            user=actor.name,
+            traceparent=tracing.current_traceparent(),
+        )
+        for event in events:
+            aggregate.apply(event)
+            aggregate.version += 1
+        self._types[envelope.aggregate_id] = aggregate_class.aggregate_type
+        return append
+
+    async def snapshot(self) -> None:
+        """After the commit: snapshot the aggregates whose new events crossed the interval."""
+        for key, aggregate in self._aggregates.items():
+            await self._repository.advanced(aggregate, self._loaded_at[key])

@@ -6,25 +6,35 @@ leadership change appends nothing twice. They act as `process:<name>` (the event
 name it as their `user`), which the domain's policy sees as a process, not a login. A step is
 built typed by the process manager, so it is handed on as it is, never parsed again.
 
-Each event of a type it reacts to goes through the consumer pipeline (`cqrs_runtime.pipeline`),
-one at a time and in position order: decoded into the domain event, handled in a
-`react <EventType>` span that continues the trace of the command that caused it. A step that
-keeps losing races requeues its event: the reaction and those after it are run again later
-(the subscription stores no checkpoint for the batch); any other error escapes to the
-subscription, which tries the batch again after a backoff.
+The events of a page that it reacts to go through the consumer pipeline
+(`cqrs_runtime.pipeline`) as one batch, in position order: each decoded into the domain event
+and reacted to in a `react <EventType>` span that continues the trace of the command that caused
+it. The steps of all the reactions are handled together through the batch use case
+(`handle_commands`: one transaction), in the reactions' order; the steps a rejection calls for
+(`on_rejected`) make the next round. A batch that cannot be stored as one (another writer came
+first, a step whose handling raises) is handled one step at a time with `handle_command`. A
+step that keeps losing races requeues the page: it is run again later (the subscription stores
+no checkpoint for it; the steps done already answer as duplicates); any other error escapes to
+the subscription, which tries the page again after a backoff.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import structlog
 
 from command_service.model.authorization import Actor
 from command_service.model.process import IssuedCommand, ProcessManager
-from command_service.service_layer.event_store import RetryLaterError, StoredEvent
-from command_service.service_layer.handlers import HandleCommand
-from command_service.service_layer.registry import CommandRegistry
+from command_service.service_layer.event_store import (
+    EventStoreUnavailableError,
+    RetryLaterError,
+    StoredEvent,
+)
+from command_service.service_layer.handlers import BatchCommand, HandleCommand, HandleCommands
+from command_service.service_layer.registry import CommandRegistry, ParsedCommand
 from cqrs_runtime import tracing
 from cqrs_runtime.pipeline import (
     Item,
@@ -35,11 +45,42 @@ from cqrs_runtime.pipeline import (
     Verdict,
     settled_elsewhere,
 )
-from shared.messages import CommandEnvelope, CommandMetadata, Event
+from shared.messages import CommandEnvelope, CommandMetadata, Event, Reply
 
 log = structlog.get_logger(__name__)
 
 Reaction = Item[StoredEvent, Event]
+
+
+@dataclass
+class _Step:
+    """A step to issue: its command, and the reaction and span it belongs to."""
+
+    issued: IssuedCommand
+    command: ParsedCommand
+    reaction: Reaction
+    span: tracing.SpanHandle
+
+    @property
+    def envelope(self) -> CommandEnvelope:
+        return self.command.envelope
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """The step's context: its reaction's, with the step's ids bound and its span current."""
+        envelope = self.envelope
+        with (
+            self.reaction.scope(),
+            structlog.contextvars.bound_contextvars(
+                correlation_id=envelope.metadata.correlation_id,
+                causation_id=envelope.metadata.causation_id,
+                command_id=str(envelope.command_id),
+                command_type=envelope.type,
+                aggregate_id=str(envelope.aggregate_id),
+            ),
+            self.span.current(),
+        ):
+            yield
 
 
 class ProcessManagerRunner:
@@ -51,9 +92,11 @@ class ProcessManagerRunner:
         *,
         handle: HandleCommand,
         registry: CommandRegistry,
+        handle_batch: HandleCommands | None = None,
     ) -> None:
         self.process = process
         self._handle_command = handle
+        self._handle_batch = handle_batch
         self._registry = registry
         self._event_types = {event.type_name() for event in process.events}
         self.actor = Actor.process(process.name)
@@ -68,10 +111,11 @@ class ProcessManagerRunner:
         )
 
     async def __call__(self, events: list[StoredEvent]) -> None:
-        for stored in events:
-            if stored.type not in self._event_types:
-                continue  # every event passes by; most are not this process manager's
-            [outcome] = await self._pipeline.run([stored])
+        # Every event passes by; most are not this process manager's.
+        mine = [stored for stored in events if stored.type in self._event_types]
+        if not mine:
+            return
+        for outcome in await self._pipeline.run(mine):
             if outcome.verdict is Verdict.REQUEUE:
                 # Lost races are not a decision: run this batch again later.
                 raise outcome.error or RetryLaterError(outcome.reason)
@@ -95,6 +139,7 @@ class ProcessManagerRunner:
         )
 
     async def _react(self, batch: Sequence[Reaction]) -> list[Outcome[None]]:
+        steps: list[_Step] = []
         for reaction in batch:
             with reaction.scope():
                 stored = reaction.message
@@ -103,53 +148,93 @@ class ProcessManagerRunner:
                     causation_id=str(stored.event_id),
                     user=self.actor.name,
                 )
-                for step in self.process.react(reaction.value, stored.stream_id):
-                    await self._issue(step, metadata)
+                steps.extend(
+                    self._step(issued, metadata, reaction)
+                    for issued in self.process.react(reaction.value, stored.stream_id)
+                )
+        while steps:  # a round: these steps, then the ones their rejections call for
+            replies = await self._issue(steps)
+            conflicting: list[str] = []
+            following: list[_Step] = []
+            for step, reply in zip(steps, replies, strict=True):
+                if reply.error is None:
+                    continue
+                if reply.error.code == "concurrency_conflict":
+                    conflicting.append(f"{step.envelope.type} on {step.envelope.aggregate_id}")
+                elif step.issued.on_rejected is not None:
+                    metadata = step.envelope.metadata
+                    following.extend(
+                        self._step(next_step, metadata, step.reaction)
+                        for next_step in step.issued.on_rejected(reply.error)
+                    )
+            if conflicting:
+                raise RetryLaterError(f"{', '.join(conflicting)} kept conflicting")
+            steps = following
         return [Outcome.ack("reacted") for _ in batch]
 
-    async def _issue(self, step: IssuedCommand, metadata: CommandMetadata) -> None:
+    def _step(self, issued: IssuedCommand, metadata: CommandMetadata, reaction: Reaction) -> _Step:
         envelope = CommandEnvelope(
-            command_id=step.command_id,
-            type=step.command.type_name(),
-            aggregate_id=step.aggregate_id,
-            payload=step.command.model_dump(mode="json"),
+            command_id=issued.command_id,
+            type=issued.command.type_name(),
+            aggregate_id=issued.aggregate_id,
+            payload=issued.command.model_dump(mode="json"),
             metadata=metadata,
         )
-        command = self._registry.resolve(envelope, step.command, internal=True)
-        with (
-            structlog.contextvars.bound_contextvars(
-                correlation_id=metadata.correlation_id,
-                causation_id=metadata.causation_id,
-                command_id=str(envelope.command_id),
-                command_type=envelope.type,
-                aggregate_id=str(envelope.aggregate_id),
-            ),
-            tracing.span(
+        with reaction.scope():
+            span = tracing.start_span(
                 f"command {envelope.type}",
                 attributes={
                     "cqrs.command_id": str(envelope.command_id),
                     "cqrs.command_type": envelope.type,
                     "cqrs.aggregate_id": str(envelope.aggregate_id),
                 },
-            ) as span,
-        ):
-            reply = await self._handle_command(command, actor=self.actor, internal=True)
-            span.set("cqrs.outcome", reply.status)
-            log.debug(
-                "process_step",
-                process=self.process.name,
-                status=reply.status,
-                version=reply.version,
-                error_code=reply.error.code if reply.error else None,
             )
-        self.issued += 1
-        if reply.error is None:
-            return
-        if reply.error.code == "concurrency_conflict":
-            raise RetryLaterError(f"{envelope.type} on {envelope.aggregate_id} kept conflicting")
-        if step.on_rejected is not None:
-            for next_step in step.on_rejected(reply.error):
-                await self._issue(next_step, metadata)
+        command = self._registry.resolve(envelope, issued.command, internal=True)
+        return _Step(issued, command, reaction, span)
+
+    async def _issue(self, steps: list[_Step]) -> list[Reply]:
+        """Handle a round of steps, together when there are several; one reply each."""
+        try:
+            replies = await self._issue_batch(steps)
+            if replies is None:
+                replies = [await self._issue_one(step) for step in steps]
+        except BaseException as error:
+            for step in steps:
+                step.span.fail(error)
+                step.span.end()
+            raise
+        for step, reply in zip(steps, replies, strict=True):
+            with step.scope():
+                step.span.set("cqrs.outcome", reply.status)
+                log.debug(
+                    "process_step",
+                    process=self.process.name,
+                    status=reply.status,
+                    version=reply.version,
+                    error_code=reply.error.code if reply.error else None,
+                )
+            step.span.end()
+        self.issued += len(steps)
+        return replies
+
+    async def _issue_batch(self, steps: list[_Step]) -> list[Reply] | None:
+        """The steps in one transaction; None when they must go one at a time."""
+        if len(steps) < 2 or self._handle_batch is None:
+            return None
+        try:
+            return await self._handle_batch(
+                [BatchCommand(step.command, self.actor, scope=step.scope) for step in steps],
+                internal=True,
+            )
+        except EventStoreUnavailableError:
+            raise
+        except Exception as e:  # noqa: BLE001 - nothing was stored: one at a time
+            log.info("process_steps_split", process=self.process.name, error=repr(e))
+            return None
+
+    async def _issue_one(self, step: _Step) -> Reply:
+        with step.scope():
+            return await self._handle_command(step.command, actor=self.actor, internal=True)
 
 
 def _retry_later(reaction: Reaction, error: Exception) -> Outcome[None]:

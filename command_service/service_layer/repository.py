@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 from uuid import UUID
 
@@ -13,6 +14,7 @@ from command_service.service_layer.event_store import (
     EventStore,
     EventStoreUnavailableError,
     Snapshot,
+    StoredEvent,
     WrongAggregateTypeError,
 )
 from command_service.service_layer.registry import CommandRegistry
@@ -21,6 +23,23 @@ from shared.messages import Event
 log = structlog.get_logger(__name__)
 
 A = TypeVar("A", bound=Aggregate)
+
+
+@dataclass(frozen=True)
+class LoadedStream:
+    """A stream as loaded for a batch: the snapshot it was loaded from (None: from its start)
+    and its events after that."""
+
+    stream_id: UUID
+    snapshot: Snapshot | None
+    history: list[StoredEvent]
+
+    @property
+    def recorded_type(self) -> str | None:
+        """The stream's aggregate type (None: no such stream yet)."""
+        if self.snapshot is not None:
+            return self.snapshot.aggregate_type
+        return self.history[0].aggregate_type if self.history else None
 
 
 class AggregateRepository:
@@ -34,6 +53,15 @@ class AggregateRepository:
     def _snapshots(self, aggregate_class: type[Aggregate]) -> bool:
         return self._snapshot_every > 0 and aggregate_class.snapshot_schema is not None
 
+    def _usable(self, snapshot: Snapshot | None, aggregate_class: type[Aggregate]) -> bool:
+        # Another shape of the state (or another type's): replay from the start instead.
+        return (
+            snapshot is not None
+            and self._snapshots(aggregate_class)
+            and snapshot.schema_version == aggregate_class.snapshot_schema
+            and snapshot.aggregate_type == aggregate_class.aggregate_type
+        )
+
     async def load(self, aggregate_class: type[A], aggregate_id: UUID) -> A:
         """The aggregate's current state.
 
@@ -43,23 +71,49 @@ class AggregateRepository:
         snapshot = None
         if self._snapshots(aggregate_class):
             snapshot = await self._store.load_snapshot(aggregate_id)
-            if snapshot is not None and (
-                snapshot.schema_version != aggregate_class.snapshot_schema
-                or snapshot.aggregate_type != aggregate_class.aggregate_type
-            ):
-                snapshot = None  # an older shape of the state: replay from the start instead
+            if not self._usable(snapshot, aggregate_class):
+                snapshot = None
         after = snapshot.version if snapshot else 0
         history = await self._store.load_stream(aggregate_id, after_version=after)
-        # A stream's type is its first event's (a snapshot is only kept when it is ours).
-        wanted = aggregate_class.aggregate_type
-        if snapshot is None and history and history[0].aggregate_type != wanted:
-            raise WrongAggregateTypeError(aggregate_id, wanted, history[0].aggregate_type)
-        events = (
-            self._registry.event_from_stored(e.type, e.schema_version, e.data) for e in history
+        return self.rebuild(aggregate_class, LoadedStream(aggregate_id, snapshot, history))
+
+    async def load_many(self, wanted: Mapping[UUID, type[Aggregate]]) -> dict[UUID, LoadedStream]:
+        """Several streams in one round trip for snapshots and one for events, each for the
+        aggregate class it is mapped to (`rebuild` makes the aggregates)."""
+        snapshotted = [stream for stream, cls in wanted.items() if self._snapshots(cls)]
+        found = await self._store.load_snapshots(snapshotted) if snapshotted else {}
+        snapshots = {
+            stream: snapshot
+            for stream, snapshot in found.items()
+            if self._usable(snapshot, wanted[stream])
+        }
+        after = {stream: s.version for stream, s in snapshots.items()}
+        histories = await self._store.load_streams(
+            {stream: after.get(stream, 0) for stream in wanted}
         )
+        return {
+            stream: LoadedStream(stream, snapshots.get(stream), histories.get(stream, []))
+            for stream in wanted
+        }
+
+    def rebuild(self, aggregate_class: type[A], loaded: LoadedStream) -> A:
+        """The aggregate from a loaded stream; raises `WrongAggregateTypeError` when the stream
+        is another aggregate type's."""
+        wanted = aggregate_class.aggregate_type
+        recorded = loaded.recorded_type
+        # A stream's type is its first event's (a snapshot is only kept when it is ours).
+        if recorded is not None and recorded != wanted:
+            raise WrongAggregateTypeError(loaded.stream_id, wanted, recorded)
+        events = (
+            self._registry.event_from_stored(e.type, e.schema_version, e.data)
+            for e in loaded.history
+        )
+        snapshot = loaded.snapshot
         if snapshot is None:
-            return aggregate_class.rehydrate(aggregate_id, events)
-        aggregate = aggregate_class.from_snapshot(aggregate_id, snapshot.version, snapshot.state)
+            return aggregate_class.rehydrate(loaded.stream_id, events)
+        aggregate = aggregate_class.from_snapshot(
+            loaded.stream_id, snapshot.version, snapshot.state
+        )
         for event in events:
             aggregate.apply(event)
             aggregate.version += 1
@@ -76,6 +130,18 @@ class AggregateRepository:
         for event in events:
             aggregate.apply(event)
             aggregate.version += 1
+        await self._save(aggregate)
+
+    async def advanced(self, aggregate: Aggregate, since: int) -> None:
+        """Snapshot an aggregate whose state includes its new events (it was at version
+        `since` before them) when they crossed a multiple of `snapshot_every`."""
+        if not self._snapshots(type(aggregate)):
+            return
+        if aggregate.version // self._snapshot_every == since // self._snapshot_every:
+            return
+        await self._save(aggregate)
+
+    async def _save(self, aggregate: Aggregate) -> None:
         assert aggregate.snapshot_schema is not None
         try:
             await self._store.save_snapshot(

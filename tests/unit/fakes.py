@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
 from command_service.service_layer.event_store import (
+    Appending,
+    BatchWrite,
     ConcurrencyError,
     DuplicateCommandError,
     NewEvent,
@@ -107,6 +110,54 @@ class FakeEventStore:
 
     async def record_rejection(self, reply: Reply, *, internal: bool = False) -> Reply:
         return self._log(internal).setdefault(reply.command_id, reply)
+
+    async def find_replies(
+        self, command_ids: Sequence[UUID], *, internal: bool = False
+    ) -> dict[UUID, Reply]:
+        log = self._log(internal)
+        return {command_id: log[command_id] for command_id in command_ids if command_id in log}
+
+    async def load_snapshots(self, stream_ids: Sequence[UUID]) -> dict[UUID, Snapshot]:
+        return {s: self.snapshots[s] for s in stream_ids if s in self.snapshots}
+
+    async def load_streams(
+        self, after_versions: Mapping[UUID, int]
+    ) -> dict[UUID, list[StoredEvent]]:
+        return {s: await self.load_stream(s, after) for s, after in after_versions.items()}
+
+    async def append_batch(
+        self, writes: Sequence[BatchWrite], *, internal: bool = False
+    ) -> list[Reply]:
+        """The single operations in turn, all undone when one of them fails."""
+        saved = (
+            list(self.events),
+            dict(self.stream_types),
+            copy.copy(self.replies),
+            copy.copy(self.internal_replies),
+        )
+        replies: list[Reply] = []
+        try:
+            for write in writes:
+                if isinstance(write, Appending):
+                    replies.append(
+                        await self.append(
+                            stream_id=write.stream_id,
+                            aggregate_type=write.aggregate_type,
+                            expected_version=write.expected_version,
+                            events=write.events,
+                            command_id=write.command_id,
+                            correlation_id=write.correlation_id,
+                            user=write.user,
+                            traceparent=write.traceparent,
+                            internal=internal,
+                        )
+                    )
+                else:
+                    replies.append(await self.record_rejection(write, internal=internal))
+        except Exception:
+            self.events, self.stream_types, self.replies, self.internal_replies = saved
+            raise
+        return replies
 
     async def read_all(self, after: int, limit: int) -> list[StoredEvent]:
         return [e for e in self.events if e.position > after][:limit]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from typing import Any
 
@@ -10,7 +11,7 @@ from pydantic import ValidationError
 
 from command_service.domains import ledger
 from command_service.model.authorization import Actor
-from command_service.service_layer.handlers import handle_command
+from command_service.service_layer.handlers import BatchCommand, handle_command, handle_commands
 from command_service.service_layer.registry import CommandRegistry, UnknownCommandError
 from shared.client import envelope_for
 from shared.ledger import (
@@ -22,6 +23,9 @@ from shared.ledger import (
 )
 from shared.messages import CommandEnvelope, Reply
 from tests.unit.fakes import FakeEventStore
+
+REGISTRY = CommandRegistry.from_domains([ledger.domain])
+ANYONE = Actor.anonymous()
 
 
 async def run(
@@ -197,3 +201,54 @@ async def test_a_client_command_under_a_steps_id_does_not_answer_the_step(
     resent = await run(store, claim)
     assert (resent.status, resent.version) == ("duplicate", claimed.version)
     assert [e.type for e in store.events[-2:]] == ["MoneyDeposited", "MoneyDebitedForTransfer"]
+
+
+def batch_item(envelope: CommandEnvelope, actor: Actor = ANYONE) -> BatchCommand:
+    return BatchCommand(REGISTRY.parse(envelope), actor)
+
+
+def answer(reply: Reply) -> tuple[Any, ...]:
+    return (reply.command_id, reply.status, reply.version, reply.position, reply.error)
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_a_batch_answers_and_stores_as_its_commands_one_after_the_other(seed: int) -> None:
+    """Random mixes (opens, deposits, withdrawals beyond the balance, transfers under an
+    account's id, resent and repeated command ids, expected versions): the same replies and
+    the same stored events and answers as `handle_command` one command at a time."""
+    rng = random.Random(seed)
+    accounts = [uuid.uuid4() for _ in range(4)]
+    envelopes: list[CommandEnvelope] = []
+    for _ in range(40):
+        account = rng.choice(accounts)
+        pick = rng.random()
+        if envelopes and pick < 0.1:
+            envelopes.append(rng.choice(envelopes))  # a command id seen before
+            continue
+        command: Any
+        if pick < 0.3:
+            command = OpenAccount(owner_id="o", currency="EUR", initial_deposit=rng.randint(0, 9))
+        elif pick < 0.6:
+            command = DepositMoney(amount=rng.randint(1, 9))
+        elif pick < 0.85:
+            command = WithdrawMoney(amount=rng.randint(1, 20))
+        else:
+            command = RequestTransfer(from_account_id=account, to_account_id=uuid.uuid4(), amount=1)
+        expected = rng.choice([None, None, None, rng.randint(0, 4)])
+        envelopes.append(envelope_for(command, account, expected_version=expected))
+    split = rng.randint(0, 10)  # some handled before the batch: their resends are duplicates
+    one_by_one, batched = FakeEventStore(), FakeEventStore()
+    for envelope in envelopes[:split]:
+        await run(one_by_one, envelope)
+        await run(batched, envelope)
+
+    alone = [await run(one_by_one, envelope) for envelope in envelopes[split:]]
+    together = await handle_commands(
+        [batch_item(envelope) for envelope in envelopes[split:]], store=batched, registry=REGISTRY
+    )
+
+    assert [answer(r) for r in together] == [answer(r) for r in alone]
+    assert [(e.position, e.stream_id, e.version, e.type, e.data) for e in batched.events] == [
+        (e.position, e.stream_id, e.version, e.type, e.data) for e in one_by_one.events
+    ]
+    assert batched.replies == one_by_one.replies

@@ -16,7 +16,7 @@ from command_service.domains.ledger.account import Account
 from command_service.model.aggregate import Aggregate, DomainError
 from command_service.model.authorization import Actor, AggregateLoader, Forbidden
 from command_service.service_layer.access_control import authorization
-from command_service.service_layer.handlers import handle_command
+from command_service.service_layer.handlers import BatchCommand, handle_command, handle_commands
 from command_service.service_layer.registry import CommandRegistry
 from command_service.settings import CommandServiceSettings
 from shared.client import envelope_for
@@ -226,3 +226,71 @@ def test_the_setting_chooses_the_policy() -> None:
 def test_forbidden_is_a_domain_error_with_its_code() -> None:
     error = Forbidden("no")
     assert (error.code, error.message) == ("forbidden", "no")
+
+
+async def test_in_a_batch_the_policy_sees_what_the_batch_did_before() -> None:
+    """Each command of a batch is authorized as it would be after the ones before it: an
+    account opened earlier in the batch is its owner's to transfer out of, and nobody else's;
+    the same batch one command at a time answers the same."""
+    sources = {ALICE: uuid.uuid4(), BOB: uuid.uuid4()}
+    target = uuid.uuid4()
+    commands = [
+        (
+            envelope_for(
+                OpenAccount(owner_id="alice", currency="EUR", initial_deposit=50), sources[ALICE]
+            ),
+            ALICE,
+        ),
+        (
+            envelope_for(
+                RequestTransfer(from_account_id=sources[ALICE], to_account_id=target, amount=5),
+                uuid.uuid4(),
+            ),
+            ALICE,
+        ),
+        (
+            envelope_for(
+                RequestTransfer(from_account_id=sources[ALICE], to_account_id=target, amount=5),
+                uuid.uuid4(),
+            ),
+            BOB,
+        ),
+        (envelope_for(DepositMoney(amount=1), sources[ALICE]), BOB),
+        (
+            envelope_for(
+                RequestTransfer(from_account_id=sources[BOB], to_account_id=target, amount=5),
+                uuid.uuid4(),
+            ),
+            BOB,
+        ),
+        (envelope_for(OpenAccount(owner_id="bob", currency="EUR"), sources[BOB]), BOB),
+        (
+            envelope_for(
+                RequestTransfer(from_account_id=sources[BOB], to_account_id=target, amount=5),
+                uuid.uuid4(),
+            ),
+            BOB,
+        ),
+    ]
+    registry = CommandRegistry.from_domains([ledger.domain])
+    together = await handle_commands(
+        [BatchCommand(registry.parse(envelope), actor) for envelope, actor in commands],
+        store=FakeEventStore(),
+        registry=registry,
+        authorize=POLICY,
+    )
+    one_by_one = FakeEventStore()
+    alone = [await run(one_by_one, envelope, actor) for envelope, actor in commands]
+
+    assert [(r.status, code(r)) for r in together] == [
+        ("accepted", None),
+        ("accepted", None),
+        ("rejected", "forbidden"),
+        ("rejected", "forbidden"),
+        ("rejected", "forbidden"),  # bob's account does not exist yet
+        ("accepted", None),
+        ("accepted", None),
+    ]
+    assert [(r.status, code(r), r.version) for r in together] == [
+        (r.status, code(r), r.version) for r in alone
+    ]
