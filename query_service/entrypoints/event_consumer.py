@@ -341,10 +341,21 @@ class ProjectorConsumer:
         every other message in hand on it (a `multiple` ack covers every unsettled delivery up
         to its tag; the batch's parked and requeued ones were settled one by one before), the
         rest one by one. Returns the ids of the messages acked."""
-        pending, self._acks = self._acks, {}
+        ours = {id(message) for message in batch}
         acked: set[int] = set()
-        for channel_id, deliveries in pending.items():
-            others = self._in_hand.get(channel_id, set()) - {_tag(m) for m in batch}
+        for channel_id in list(self._acks):
+            waiting = self._acks[channel_id]
+            deliveries = [d for d in waiting if id(d.message) in ours]
+            if not deliveries:
+                continue  # another batch's (of another queue, or running alongside)
+            rest = [d for d in waiting if id(d.message) not in ours]
+            if rest:
+                self._acks[channel_id] = rest
+            else:
+                del self._acks[channel_id]
+            others = self._in_hand.get(channel_id, set()) - {
+                _tag(m) for m in batch if id(getattr(m, "channel", None)) == channel_id
+            }
             below = min(others, default=None)
             covered = [d for d in deliveries if below is None or _tag(d.message) < below]
             settled: list[Delivery] = []

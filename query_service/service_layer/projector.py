@@ -282,6 +282,9 @@ async def project_batch(
     is advanced once, to the highest position it took.
     """
     events = [_Event(envelope, [], []) for envelope in envelopes]
+    # The generations being rebuilt first: should one be switched to while this batch is
+    # written, readers then find there at least what they found in the one it replaces.
+    shadow_failures = await _project_shadows(envelopes, targets)
     pending = [
         (projection, [i for i in indexes if projection.handles(envelopes[i])])
         for projection, indexes in _by_projection([t.live for t in targets])
@@ -337,14 +340,17 @@ async def project_batch(
         )
     for name, position in reached.items():
         await checkpoints.advance(name, position)
-    await _project_shadows(envelopes, targets, events)
+    for index, reason in shadow_failures.items():
+        events[index].reject(reason)
     return [event.outcome() for event in events]
 
 
 async def _project_shadows(
-    envelopes: Sequence[EventEnvelope], targets: Sequence[Targets], events: Sequence[_Event]
-) -> None:
-    """The batch into each generation being rebuilt, whatever the live outcome (see `Shadow`)."""
+    envelopes: Sequence[EventEnvelope], targets: Sequence[Targets]
+) -> dict[int, str]:
+    """The batch into each generation being rebuilt, whatever the live outcome (see `Shadow`);
+    returns the events a shadow failed on, with the reason to park them."""
+    failures: dict[int, str] = {}
     shadows: dict[int, tuple[Shadow, list[int]]] = {}
     for index, target in enumerate(targets):
         for shadow in target.shadows:
@@ -355,13 +361,14 @@ async def _project_shadows(
         skipped = 0
         for index, result in zip(indexes, results, strict=True):
             if isinstance(result, _Failed):
-                events[index].reject(_failure_reason(result.error))
+                failures.setdefault(index, _failure_reason(result.error))
             elif isinstance(result, ApplyResult) and result.status is ApplyStatus.GAP:
                 skipped = max(skipped, envelopes[index].position)
             # an invalid event: the live projection parks it; the replay skips it the same way
         if skipped:
             log.debug("events_skipped_for_rebuild", projection=shadow.projection.name)
             await shadow.on_skip(skipped)
+    return failures
 
 
 class TargetResolver(Protocol):
