@@ -123,6 +123,12 @@ def apply_update(document: Mapping[str, Any], update: Update) -> dict[str, Any]:
     """`update` (`$set`, `$unset`, `$inc`, `$min`, `$max`, dotted paths) applied in memory to a
     copy of `document`."""
     result: dict[str, Any] = copy.deepcopy(dict(document))
+    update_in_place(result, update)
+    return result
+
+
+def update_in_place(result: dict[str, Any], update: Update) -> None:
+    """`apply_update` without the copy: `result` is changed (a document of the caller's own)."""
     for operator, fields in update.items():
         for path, value in fields.items():
             *parents, key = path.split(".")
@@ -143,7 +149,6 @@ def apply_update(document: Mapping[str, Any], update: Update) -> dict[str, Any]:
                     target[key] = value
             else:
                 raise ValueError(f"cannot apply {operator}")
-    return result
 
 
 def consecutive_runs(items: Iterable[T], key: Callable[[T], tuple[str, int]]) -> dict[str, list[T]]:
@@ -261,11 +266,13 @@ async def write_steps(collection: AsyncCollection[Document], steps: Sequence[Ste
             continue
         first = run[0]
         if first.fields is not None:
-            document = VersionedCollection.new_document(
-                aggregate, version=first.version, position=first.position, fields=first.fields
+            document = copy.deepcopy(
+                VersionedCollection.new_document(
+                    aggregate, version=first.version, position=first.position, fields=first.fields
+                )
             )
             for step in run[1:]:
-                document = apply_update(document, step.guarded_update())
+                update_in_place(document, step.guarded_update())
             inserts.append(InsertOne(document))
             continue
         for part, (start, combined) in enumerate(fold([s.guarded_update() for s in run])):
