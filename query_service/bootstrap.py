@@ -21,6 +21,7 @@ from query_service.adapters.mongo import (
     CHECKPOINTS_COLLECTION,
     BufferedCheckpoints,
     MongoCheckpoints,
+    WriteCounter,
     create_client,
 )
 from query_service.domain import QueryDomain, load_query_domains, read_models_of
@@ -118,6 +119,9 @@ async def start_projector(
         topology = await broker.declare_projector_topology(channel, wanted)
         consumer = ProjectorConsumer(
             handler=handler,
+            batch_handler=handler.project_batch,
+            # A batch is what the channel holds unacked at most.
+            batch_size=min(settings.projector_batch_size, settings.prefetch),
             parker=broker.AmqpParker(topology.parked_exchange),
             retry_policy=retry_policy,
             metrics=metrics,
@@ -196,10 +200,12 @@ async def bootstrap(
     tolerate_invalid_utf8()
     supervisor = supervisor if supervisor is not None else Supervisor()
     supervisor.transient = TRANSIENT_ERRORS
-    mongo = create_client(settings.mongo_url)
+    metrics = ProjectorMetrics() if settings.run_projector else None
+    mongo = create_client(
+        settings.mongo_url, listeners=[WriteCounter(metrics.writes)] if metrics else []
+    )
     database = mongo[settings.mongo_db]
     catalog = build_catalog(database, read_models)
-    metrics = ProjectorMetrics() if settings.run_projector else None
     try:
         projector = (
             await start_projector(

@@ -37,6 +37,8 @@ class ProjectorMetrics:
     requeued: int = 0
     last_parked_reason: str | None = None
     newest_recorded_at: datetime | None = None
+    # MongoDB write round trips of this process, by collection (its generation left out).
+    writes: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @property
     def projected(self) -> int:
@@ -86,6 +88,15 @@ class ProjectorCollector(Collector):
             "retried",
             value=metrics.park_refused,
         )
+        writes = CounterMetricFamily(
+            "cqrs_read_model_writes",
+            "MongoDB write round trips (insert, update, delete commands) by collection, the "
+            "generation left out; with cqrs_events_projected, the writes per event",
+            labels=["collection"],
+        )
+        for collection, count in sorted(metrics.writes.items()):
+            writes.add_metric([collection], count)
+        yield writes
         yield GaugeMetricFamily(
             "cqrs_projection_lag_seconds",
             "Now minus recorded_at of the newest event this process projected",

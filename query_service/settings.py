@@ -120,6 +120,13 @@ class QueryServiceSettings(CommonSettings):
     projector_gap_delay_seconds: float = Field(
         default=0.2, ge=0, le=60, description="the wait between those retries"
     )
+    projector_batch_size: int = Field(
+        default=64,
+        ge=1,
+        le=10_000,
+        description="events of one partition projected together at most (bounded by "
+        "`CQRS_PREFETCH`): those ready when the previous batch is done, never waiting for more",
+    )
     projector_rebalance_seconds: float = Field(
         default=5.0,
         ge=0,

@@ -7,9 +7,12 @@ generations of read models are the service layer's (`service_layer.catalog`).
 from __future__ import annotations
 
 import asyncio
+import collections
+import re
+from collections.abc import Sequence
 
 import structlog
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
@@ -21,14 +24,44 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 CHECKPOINTS_COLLECTION = "checkpoints"
 
 
-def create_client(mongo_url: str, *, timeout_ms: int = 5_000) -> AsyncMongoClient[Document]:
+def create_client(
+    mongo_url: str,
+    *,
+    timeout_ms: int = 5_000,
+    listeners: Sequence[monitoring.CommandListener] = (),
+) -> AsyncMongoClient[Document]:
     """A client that returns timezone-aware datetimes; call inside the running loop."""
     return AsyncMongoClient(
         mongo_url,
         tz_aware=True,
         appname="cqrs-query-service",
         serverSelectionTimeoutMS=timeout_ms,
+        event_listeners=list(listeners),
     )
+
+
+_GENERATION = re.compile(r"_v\d+$")
+
+
+class WriteCounter(monitoring.CommandListener):
+    """Counts the write commands the client sends (each a round trip), per collection, its
+    generation suffix left out (`accounts_v3` counts as `accounts`)."""
+
+    WRITES = frozenset({"insert", "update", "delete", "findAndModify"})
+
+    def __init__(self, counts: collections.Counter[str]) -> None:
+        self.counts = counts
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name in self.WRITES:
+            collection = str(event.command.get(event.command_name, ""))
+            self.counts[_GENERATION.sub("", collection)] += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
 
 
 class MongoCheckpoints:

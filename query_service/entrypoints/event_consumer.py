@@ -9,14 +9,20 @@
   it, so it stays in its partition until an operator makes room;
 - ack only after the read-model write is done.
 
-Each delivery goes through the consumer pipeline (`cqrs_runtime.pipeline`): this module says
-what is the projector's own (how a delivery is decoded, its log fields and span, the lanes that
-admit it, the policy above, how each outcome is settled on the broker, and what is counted).
+The deliveries go through the consumer pipeline (`cqrs_runtime.pipeline`) in micro-batches:
+per partition queue, one batch at a time, made of the deliveries ready when the previous one is
+done (up to `batch_size`). A lone delivery is projected at once; under load the deliveries that
+arrive meanwhile make the next batch, projected in few writes (see `Projector.project_batch`).
+This module says what is the projector's own (how a delivery is decoded, its log fields and
+span, the lanes that admit it, the policy above, how each outcome is settled on the broker, and
+what is counted). The acks of a batch go in one `multiple` ack per channel once its outcomes
+are settled; parks and requeues are settled one by one before it.
 
-Each delivery runs in a task of the driver's; whatever escapes the policy above (a failure to
+Each delivery runs in a task of the driver's; the first of a queue's to find no batch running
+runs the batches while others wait for theirs. Whatever escapes the policy above (a failure to
 park or settle that is not an outage) is contained here: logged, counted against the partition
-in the supervisor's table (readiness names a partition that keeps failing), and the message is
-requeued after a pause, never lost and never acked unprojected.
+in the supervisor's table (readiness names a partition that keeps failing), and the batch's
+unsettled messages are requeued after a pause, never lost and never acked unprojected.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 FAILED_REQUEUE_PAUSE_SECONDS = 1.0
 
 EventHandler = Callable[[EventEnvelope], Awaitable[Outcome]]
+BatchHandler = Callable[[Sequence[EventEnvelope]], Awaitable[Sequence[Outcome]]]
 Delivery = Item[AbstractIncomingMessage, EventEnvelope]
 Decision = pipeline.Outcome[Projected]
 
@@ -81,12 +88,39 @@ class RetryPolicy:
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
 
+DEFAULT_BATCH_SIZE = 64
+# One: a partition's batches one after another, so that a failed batch is requeued before
+# anything delivered after it is handled. More let other aggregates go on while a batch waits
+# out a version gap, but the failures of two batches of one aggregate then race each other.
+DEFAULT_BATCHES_IN_FLIGHT = 1
+
+
+class _Waiting:
+    """A delivery waiting in its queue's line for the batch it will be part of."""
+
+    __slots__ = ("done", "message")
+
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        self.message = message
+        # True: its batch is done; False: no batch runs any more, it runs the next ones.
+        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+
+@dataclass
+class _Line:
+    """A queue's deliveries waiting for a batch, and whether a batch is running."""
+
+    waiting: list[_Waiting]
+    running: int = 0  # batches running
+
 
 class ProjectorConsumer:
     """Consumes the projector's partition queues and settles each message by the ack policy.
 
-    Messages of one aggregate are handled one after another in delivery order (see `lanes`);
-    messages of different aggregates run concurrently, up to the prefetch of each queue.
+    Each queue's deliveries are projected in batches of up to `batch_size`, one batch at a time
+    (see the module's docstring), by `batch_handler` (else one by one by `handler`). Messages of
+    one aggregate are handled in delivery order; the lanes (see `lanes`) keep a requeued
+    message from being overtaken by its successors, also across a channel's handover.
     """
 
     def __init__(
@@ -94,6 +128,9 @@ class ProjectorConsumer:
         *,
         handler: EventHandler,
         parker: Parker,
+        batch_handler: BatchHandler | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT,
         retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
         max_body_bytes: int = MAX_BODY_BYTES,
         metrics: ProjectorMetrics | None = None,
@@ -103,6 +140,15 @@ class ProjectorConsumer:
         self.metrics = metrics if metrics is not None else ProjectorMetrics()
         self._supervisor = supervisor if supervisor is not None else Supervisor()
         self._handler = handler
+        self._batch_handler = batch_handler
+        self._batch_size = max(1, batch_size)
+        self._batches_in_flight = max(1, batches_in_flight)
+        self._lines: dict[str, _Line] = {}
+        self._arrived: dict[int, int] = {}  # id of a message in line -> its arrival number
+        # Per channel, the delivery tags of the messages in line or in a batch.
+        self._in_hand: dict[int, set[int]] = {}
+        # Per channel, the acked messages of the batch being settled, acked at its end.
+        self._acks: dict[int, list[Delivery]] = {}
         self._parker = parker
         self._park_retry_seconds = park_retry_seconds
         self._max_body_bytes = max_body_bytes
@@ -195,23 +241,135 @@ class ProjectorConsumer:
         if task is not None:
             self._in_flight.add(task)
         try:
-            await self._handle(message)
-        except CONNECTION_EXCEPTIONS:
-            raise  # the channel is gone: the broker redelivers the message
-        except Exception as e:  # noqa: BLE001 - logged and counted by the supervisor
-            self._supervisor.outcome(queue or "projector", e)
-            if not message.processed:  # it failed before it was settled
-                await asyncio.sleep(FAILED_REQUEUE_PAUSE_SECONDS)
-                key = _as_uuid((message.headers or {}).get(AGGREGATE_ID_HEADER))
-                await self._requeue(message, str(key) if key is not None else None)
-        else:
-            self._supervisor.outcome(queue or "projector", None)
+            await self._take_turn(queue or "projector", message)
         finally:
             if task is not None:
                 self._in_flight.discard(task)
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
-        await self._pipeline.run([message])
+    async def _take_turn(self, queue: str, message: AbstractIncomingMessage) -> None:
+        """Wait for the batch `message` is part of; run batches if fewer than
+        `batches_in_flight` of its queue are running."""
+        # Synchronous up to the wait: the line is in delivery order.
+        line = self._lines.setdefault(queue, _Line([]))
+        waiting = _Waiting(message)
+        line.waiting.append(waiting)
+        self._arrived[id(message)] = self._lanes.arrive()
+        channel = getattr(message, "channel", None)
+        if channel is not None:
+            self._in_hand.setdefault(id(channel), set()).add(_tag(message))
+        if line.running >= self._batches_in_flight:
+            if await waiting.done:
+                return  # its batch is done
+        else:
+            line.running += 1
+        try:
+            while line.waiting:
+                batch = [w.message for w in line.waiting[: self._batch_size]]
+                done, line.waiting = line.waiting[: len(batch)], line.waiting[len(batch) :]
+                try:
+                    await self._run_batch(queue, batch)
+                finally:
+                    for finished in done:
+                        self._out_of_hand(finished.message)
+                        if not finished.done.done():
+                            finished.done.set_result(True)
+                    self._lanes.release_holds(min(self._arrived.values(), default=None))
+        finally:
+            self._hand_over(queue, line)
+
+    def _out_of_hand(self, message: AbstractIncomingMessage) -> None:
+        self._arrived.pop(id(message), None)
+        channel = getattr(message, "channel", None)
+        if channel is not None:
+            tags = self._in_hand.get(id(channel))
+            if tags is not None:
+                tags.discard(_tag(message))
+                if not tags:
+                    del self._in_hand[id(channel)]
+
+    def _hand_over(self, queue: str, line: _Line) -> None:
+        """A runner of batches stops (nothing left, or cancelled): the next delivery in line,
+        if any, runs them from here; one whose task was cancelled is left unsettled (the
+        channel's close requeues it)."""
+        while line.waiting:
+            first = line.waiting[0]
+            if not first.done.done():
+                first.done.set_result(False)
+                return
+            self._out_of_hand(first.message)
+            del line.waiting[0]
+        line.running -= 1
+        if not line.running and self._lines.get(queue) is line:
+            del self._lines[queue]
+
+    async def _run_batch(self, queue: str, messages: Sequence[AbstractIncomingMessage]) -> None:
+        acked: set[int] = set()
+        try:
+            try:
+                await self._handle(messages)
+            finally:
+                acked = await self._send_acks(messages)
+        except CONNECTION_EXCEPTIONS as e:
+            # The channel is gone: the broker redelivers what was not settled.
+            log.warning("projector_batch_lost_channel", error=repr(e))
+        except Exception as e:  # noqa: BLE001 - logged and counted by the supervisor
+            self._supervisor.outcome(queue, e)
+            unsettled = [m for m in messages if not m.processed and id(m) not in acked]
+            if unsettled:  # it failed before they were settled
+                await self._requeue_after_pause(unsettled)
+        else:
+            self._supervisor.outcome(queue, None)
+
+    async def _requeue_after_pause(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Requeue `messages` after a pause, their aggregates' lanes held meanwhile: what comes
+        of those aggregates waits, and is requeued behind them (see `lanes`)."""
+        keys = [_key_of(message) for message in messages]
+        turns = {key: self._lanes.join(key)[1] for key in keys if key is not None}
+        try:
+            await asyncio.sleep(FAILED_REQUEUE_PAUSE_SECONDS)
+            for message, key in zip(messages, keys, strict=True):
+                await self._requeue(message, key)
+        finally:
+            for key, turn in turns.items():
+                self._lanes.leave(key, turn)
+
+    async def _handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        await self._pipeline.run(messages)
+
+    async def _send_acks(self, batch: Sequence[AbstractIncomingMessage]) -> set[int]:
+        """Ack the batch's projected messages: one `multiple` ack per channel for those below
+        every other message in hand on it (a `multiple` ack covers every unsettled delivery up
+        to its tag; the batch's parked and requeued ones were settled one by one before), the
+        rest one by one. Returns the ids of the messages acked."""
+        ours = {id(message) for message in batch}
+        acked: set[int] = set()
+        for channel_id in list(self._acks):
+            waiting = self._acks[channel_id]
+            deliveries = [d for d in waiting if id(d.message) in ours]
+            if not deliveries:
+                continue  # another batch's (of another queue, or running alongside)
+            rest = [d for d in waiting if id(d.message) not in ours]
+            if rest:
+                self._acks[channel_id] = rest
+            else:
+                del self._acks[channel_id]
+            others = self._in_hand.get(channel_id, set()) - {
+                _tag(m) for m in batch if id(getattr(m, "channel", None)) == channel_id
+            }
+            below = min(others, default=None)
+            covered = [d for d in deliveries if below is None or _tag(d.message) < below]
+            settled: list[Delivery] = []
+            if covered and await self._settle(covered[-1].message, multiple=len(covered) > 1):
+                settled.extend(covered)
+            for delivery in deliveries[len(covered) :]:
+                if await self._settle(delivery.message):
+                    settled.append(delivery)
+            for delivery in deliveries:
+                if delivery in settled:
+                    acked.add(id(delivery.message))
+                elif delivery.decoded is not None:
+                    self._lanes.hold_back(str(delivery.decoded.aggregate_id))
+        return acked
 
     # --- what the pipeline asks of this consumer ---------------------------------------------
 
@@ -231,7 +389,7 @@ class ProjectorConsumer:
         for delivery in batch:
             key = str(delivery.value.aggregate_id)
             if key not in turns:
-                turns[key] = self._lanes.join(key)
+                turns[key] = self._lanes.join(key, self._arrived.get(id(delivery.message)))
         try:
             for previous, _ in turns.values():
                 if previous is not None:
@@ -250,17 +408,22 @@ class ProjectorConsumer:
         self, delivery: Delivery, turns: Mapping[str, tuple[Turn | None, Turn]]
     ) -> Decision | None:
         key = str(delivery.value.aggregate_id)
-        if self._lanes.must_requeue(key, turns[key][1]):
+        if self._lanes.must_requeue(key, turns[key][1], self._arrived.get(id(delivery.message))):
             return pipeline.Outcome.requeue(BEHIND)
         if self._handed_back(delivery.message):
             return pipeline.Outcome.requeue(LEFT)
         return None
 
     async def _project(self, batch: Sequence[Delivery]) -> list[Decision]:
+        if self._batch_handler is not None:
+            outcomes = list(await self._batch_handler([delivery.value for delivery in batch]))
+        else:
+            outcomes = []
+            for delivery in batch:
+                with delivery.scope():
+                    outcomes.append(await self._handler(delivery.value))
         decisions: list[Decision] = []
-        for delivery in batch:
-            with delivery.scope():
-                outcome = await self._handler(delivery.value)
+        for outcome in outcomes:
             match outcome:
                 case Projected(applied=applied, duplicates=duplicates):
                     status = (
@@ -276,7 +439,11 @@ class ProjectorConsumer:
         event = delivery.decoded
         key = str(event.aggregate_id) if event is not None else None
         if decision.verdict is Verdict.ACK:
-            if not await self._settle(message):
+            channel = getattr(message, "channel", None)
+            if channel is not None and not self._handed_back(message):
+                # Acked with the batch's others at its end (`_send_acks`).
+                self._acks.setdefault(id(channel), []).append(delivery)
+            elif not await self._settle(message):
                 if key is not None:
                     self._lanes.hold_back(key)
                 return pipeline.Outcome.requeue(HANDED_BACK)
@@ -350,9 +517,14 @@ class ProjectorConsumer:
         await self._settle(message, requeue=True)
 
     async def _settle(
-        self, message: AbstractIncomingMessage, *, requeue: bool | None = None
+        self,
+        message: AbstractIncomingMessage,
+        *,
+        requeue: bool | None = None,
+        multiple: bool = False,
     ) -> bool:
-        """Ack (or nack with `requeue`); `False` when the message's channel is gone.
+        """Ack (or nack with `requeue`), with those before it on its channel when `multiple`;
+        `False` when the message's channel is gone.
 
         Nothing is sent on a channel that is being handed over: a frame arriving on a channel the
         broker has closed makes it close the whole connection.
@@ -361,7 +533,7 @@ class ProjectorConsumer:
             return False
         try:
             if requeue is None:
-                await message.ack()
+                await message.ack(multiple=multiple)
             else:
                 await message.nack(requeue=requeue)
         except CONNECTION_EXCEPTIONS as e:
@@ -381,6 +553,16 @@ class ProjectorConsumer:
         if channel is None:
             return False
         return channel in self._released or bool(getattr(channel, "is_closed", False))
+
+
+def _key_of(message: AbstractIncomingMessage) -> str | None:
+    """The aggregate id the message's partition header names, if it is one."""
+    key = _as_uuid((message.headers or {}).get(AGGREGATE_ID_HEADER))
+    return str(key) if key is not None else None
+
+
+def _tag(message: AbstractIncomingMessage) -> int:
+    return message.delivery_tag or 0
 
 
 def _trace_of(message: AbstractIncomingMessage, envelope: EventEnvelope) -> Context | None:

@@ -37,7 +37,6 @@ class Turn:
 @dataclass
 class _Lane:
     tail: Turn
-    requeue_through: int = 0
 
 
 class AggregateLanes:
@@ -45,16 +44,25 @@ class AggregateLanes:
 
     def __init__(self) -> None:
         self._lanes: dict[str, _Lane] = {}
+        # Per key, the last arrival number a requeue holds back (kept after the lane empties:
+        # a message that arrived before may join only later, with a batch of its own).
+        self._held: dict[str, int] = {}
         self._arrivals = itertools.count(1)
         self._last_seq = 0
 
-    def join(self, key: str) -> tuple[Turn | None, Turn]:
+    def arrive(self) -> int:
+        """Number a message as it is delivered, before its key is known (it joins later, with
+        this number, when it is handled with a batch)."""
+        self._last_seq = next(self._arrivals)
+        return self._last_seq
+
+    def join(self, key: str, seq: int | None = None) -> tuple[Turn | None, Turn]:
         """Take the next turn for `key`; synchronous, so call order is lane order.
 
+        `seq` is the arrival number (`arrive`) of the turn's first message, if it has one.
         Returns the previous turn (to wait for, `None` when the lane was empty) and the new one.
         """
-        self._last_seq = next(self._arrivals)
-        turn = Turn(self._last_seq)
+        turn = Turn(self.arrive() if seq is None else seq)
         lane = self._lanes.get(key)
         if lane is None:
             self._lanes[key] = _Lane(tail=turn)
@@ -62,19 +70,26 @@ class AggregateLanes:
         previous, lane.tail = lane.tail, turn
         return previous, turn
 
-    def must_requeue(self, key: str, turn: Turn) -> bool:
-        """Whether `turn` arrived before a requeue in its lane and so must be requeued too."""
-        lane = self._lanes.get(key)
-        return lane is not None and turn.seq <= lane.requeue_through
+    def must_requeue(self, key: str, turn: Turn, seq: int | None = None) -> bool:
+        """Whether `turn` (or its message that arrived as `seq`) arrived before a requeue in its
+        lane and so must be requeued too."""
+        return (turn.seq if seq is None else seq) <= self._held.get(key, 0)
 
     def hold_back(self, key: str) -> None:
         """Mark every message of `key` that has arrived so far to be requeued when its turn comes.
 
         Call it just before requeueing a message: nothing delivered after this can be behind it.
         """
-        lane = self._lanes.get(key)
-        if lane is not None:
-            lane.requeue_through = self._last_seq
+        self._held[key] = self._last_seq
+
+    def release_holds(self, oldest_pending: int | None) -> None:
+        """Forget the holds that no message still pending (arrived as `oldest_pending` or
+        later; `None`: none is pending) can be subject to."""
+        if oldest_pending is None:
+            self._held.clear()
+            return
+        for key in [key for key, through in self._held.items() if through < oldest_pending]:
+            del self._held[key]
 
     def leave(self, key: str, turn: Turn) -> None:
         """End `turn`, waking the next message of the lane."""

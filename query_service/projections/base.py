@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from pydantic import ValidationError
 
@@ -81,6 +81,24 @@ class BatchProjection(Projection, Protocol):
     """
 
     async def apply_batch(self, envelopes: Sequence[EventEnvelope]) -> None: ...
+
+
+Applied = ApplyResult | InvalidEvent
+"""What applying one event of a batch did, or why it can never be applied."""
+
+
+@runtime_checkable
+class ManyProjection(Projection, Protocol):
+    """A projection that applies the live projector's batch of events at once.
+
+    `apply_many` takes events it handles, in delivery order (each aggregate's in version order,
+    repeats and gaps possible), and returns one `Applied` each, in the same order: the result
+    applying them one by one with `apply` would give, duplicates, gaps and invalid events
+    included, written in few round trips (the versions read once, the events of one document
+    folded into one write).
+    """
+
+    async def apply_many(self, envelopes: Sequence[EventEnvelope]) -> list[Applied]: ...
 
 
 class CheckpointStore(Protocol):

@@ -23,8 +23,13 @@ from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError
 
-from query_service.projections.base import InvalidEvent
-from query_service.projections.store import Document, VersionedCollection, is_duplicate_only
+from query_service.projections.base import Applied, ApplyResult, ApplyStatus, InvalidEvent
+from query_service.projections.store import (
+    VERSION_FIELD,
+    Document,
+    VersionedCollection,
+    is_duplicate_only,
+)
 from shared.messages import EventEnvelope
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
@@ -118,6 +123,12 @@ def apply_update(document: Mapping[str, Any], update: Update) -> dict[str, Any]:
     """`update` (`$set`, `$unset`, `$inc`, `$min`, `$max`, dotted paths) applied in memory to a
     copy of `document`."""
     result: dict[str, Any] = copy.deepcopy(dict(document))
+    update_in_place(result, update)
+    return result
+
+
+def update_in_place(result: dict[str, Any], update: Update) -> None:
+    """`apply_update` without the copy: `result` is changed (a document of the caller's own)."""
     for operator, fields in update.items():
         for path, value in fields.items():
             *parents, key = path.split(".")
@@ -138,7 +149,6 @@ def apply_update(document: Mapping[str, Any], update: Update) -> dict[str, Any]:
                     target[key] = value
             else:
                 raise ValueError(f"cannot apply {operator}")
-    return result
 
 
 def consecutive_runs(items: Iterable[T], key: Callable[[T], tuple[str, int]]) -> dict[str, list[T]]:
@@ -188,10 +198,66 @@ class Step:
         )
 
 
-async def write_steps(collection: AsyncCollection[Document], steps: Sequence[Step]) -> None:
-    """Write `steps` folded per aggregate; event by event where a guard or an insert fails."""
+async def stored_versions(
+    collection: AsyncCollection[Document], aggregate_ids: Iterable[str]
+) -> dict[str, int]:
+    """The version each of `aggregate_ids` has in `collection` (absent: unknown), in one read."""
+    ids = list(dict.fromkeys(aggregate_ids))
+    if not ids:
+        return {}
+    return {
+        str(found["_id"]): int(found[VERSION_FIELD])
+        async for found in collection.find({"_id": {"$in": ids}}, {VERSION_FIELD: 1})
+    }
+
+
+def plan(
+    envelopes: Sequence[EventEnvelope],
+    stored: Mapping[str, int],
+    build: Callable[[EventEnvelope], Step],
+) -> tuple[list[Applied], list[Step]]:
+    """What applying `envelopes` one by one to documents at the `stored` versions does: each
+    event's result, and the steps of those it applies (to write with `write_steps`).
+
+    `build` raises `InvalidEvent` for an event that can never be applied; a step with `fields`
+    creates its document.
+    """
+    current = dict(stored)
+    results: list[Applied] = []
+    steps: list[Step] = []
+    for envelope in envelopes:
+        try:
+            step = build(envelope)
+        except InvalidEvent as e:
+            results.append(e)
+            continue
+        reached = current.get(step.aggregate_id)
+        if step.fields is not None:
+            created = reached is None
+            result = ApplyResult.applied(None) if created else ApplyResult.duplicate(reached)
+        elif reached is None:
+            result = ApplyResult.gap(None)
+        elif step.version <= reached:
+            result = ApplyResult.duplicate(reached)
+        elif step.version == reached + 1:
+            result = ApplyResult.applied(reached)
+        else:
+            result = ApplyResult.gap(reached)
+        if result.status is ApplyStatus.APPLIED:
+            current[step.aggregate_id] = step.version
+            steps.append(step)
+        results.append(result)
+    return results, steps
+
+
+async def write_steps(collection: AsyncCollection[Document], steps: Sequence[Step]) -> bool:
+    """Write `steps` folded per aggregate; event by event where a guard or an insert fails.
+
+    Returns whether the folded writes took (`False`: something else wrote some of these
+    documents meanwhile, and the event-by-event writes skipped what it had written).
+    """
     if not steps:
-        return
+        return True
     inserts: list[InsertOne[Document]] = []
     updates: list[UpdateOne] = []
     later: list[UpdateOne] = []  # an aggregate's parts after its first, in order
@@ -200,11 +266,13 @@ async def write_steps(collection: AsyncCollection[Document], steps: Sequence[Ste
             continue
         first = run[0]
         if first.fields is not None:
-            document = VersionedCollection.new_document(
-                aggregate, version=first.version, position=first.position, fields=first.fields
+            document = copy.deepcopy(
+                VersionedCollection.new_document(
+                    aggregate, version=first.version, position=first.position, fields=first.fields
+                )
             )
             for step in run[1:]:
-                document = apply_update(document, step.guarded_update())
+                update_in_place(document, step.guarded_update())
             inserts.append(InsertOne(document))
             continue
         for part, (start, combined) in enumerate(fold([s.guarded_update() for s in run])):
@@ -216,6 +284,7 @@ async def write_steps(collection: AsyncCollection[Document], steps: Sequence[Ste
         complete = result.matched_count == len(later)
     if not complete:
         await collection.bulk_write([step.per_event() for step in steps], ordered=True)
+    return complete
 
 
 async def write_all_or_report(

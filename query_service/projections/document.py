@@ -15,8 +15,8 @@ from typing import Any, Generic, TypeVar
 from pymongo import IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
-from query_service.projections.base import ApplyResult, InvalidEvent, event_data
-from query_service.projections.bulk import Step, skip_invalid, write_steps
+from query_service.projections.base import Applied, ApplyResult, InvalidEvent, event_data
+from query_service.projections.bulk import Step, plan, skip_invalid, stored_versions, write_steps
 from query_service.projections.store import Document, VersionedCollection
 from shared.messages import Event, EventEnvelope
 
@@ -76,6 +76,15 @@ class DocumentProjection(Generic[C]):
             position=envelope.position,
             update=self._rules.updated(event, envelope),
         )
+
+    async def apply_many(self, envelopes: Sequence[EventEnvelope]) -> list[Applied]:
+        """The live projector's batch: the versions read in one round trip, then each
+        document's events folded into one write."""
+        collection = self._documents.collection
+        stored = await stored_versions(collection, (str(e.aggregate_id) for e in envelopes))
+        results, steps = plan(envelopes, stored, self._step)
+        await write_steps(collection, steps)
+        return results
 
     async def apply_batch(self, envelopes: Sequence[EventEnvelope]) -> None:
         steps = [

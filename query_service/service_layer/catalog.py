@@ -326,10 +326,19 @@ class ReadModelCatalog:
         return bound
 
     async def targets(self, envelope: EventEnvelope) -> Targets:
+        return (await self.targets_of([envelope]))[0]
+
+    async def targets_of(self, envelopes: Sequence[EventEnvelope]) -> list[Targets]:
+        """Where each of `envelopes` goes, from one fresh read of the generation pointers."""
+        if not any(model.handles(e) for e in envelopes for model in self.models.values()):
+            return [Targets(live=()) for _ in envelopes]
+        states = await self.states()
+        return [self._targets(envelope, states) for envelope in envelopes]
+
+    def _targets(self, envelope: EventEnvelope, states: Mapping[str, ModelState]) -> Targets:
         wanted = [model for model in self.models.values() if model.handles(envelope)]
         if not wanted:
             return Targets(live=())
-        states = await self.states()
         live: list[Projection] = []
         shadows: list[Shadow] = []
         for model in wanted:

@@ -1,4 +1,8 @@
-"""Project one event: hand it to every projection that wants it, wait out short gaps, checkpoint.
+"""Project events: hand each to every projection that wants it, wait out short gaps, checkpoint.
+
+One event (`project`) or a batch (`project_batch`): a batch is written per projection in few
+round trips (see `ManyProjection`) and checkpointed once per projection, with the outcome of
+each event what projecting them one by one gives.
 
 The outcome says what the consumer should do with the message: `Projected` (ack) or `Rejected`
 (park with the reason). Transient driver errors propagate so the consumer can retry or requeue.
@@ -14,12 +18,15 @@ from typing import Protocol
 import structlog
 
 from query_service.projections.base import (
+    Applied,
     ApplyResult,
     ApplyStatus,
     CheckpointStore,
     InvalidEvent,
+    ManyProjection,
     Projection,
 )
+from query_service.projections.store import TRANSIENT_ERRORS
 from shared.messages import EventEnvelope
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
@@ -175,10 +182,203 @@ def _gap_reason(projection: str, result: ApplyResult, envelope: EventEnvelope) -
     )
 
 
+class _Failed:
+    """A projection raised an unexpected error on this event (a bug, a store refusal)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+async def _apply_all(
+    projection: Projection, envelopes: Sequence[EventEnvelope]
+) -> list[Applied | _Failed]:
+    """Each event's result in `projection`: in one go where it can, else one by one.
+
+    When the batch fails for an unexpected reason, the events are applied one by one (the
+    version guard skips what the batch wrote), so the error stays with the events it belongs
+    to and the others are applied. Transient errors propagate: the batch is tried again.
+    """
+    if isinstance(projection, ManyProjection) and len(envelopes) > 1:
+        try:
+            return list(await projection.apply_many(envelopes))
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as e:  # noqa: BLE001 - isolated per event below
+            log.warning(
+                "projection_batch_failed",
+                projection=projection.name,
+                events=len(envelopes),
+                error=repr(e),
+            )
+    results: list[Applied | _Failed] = []
+    for envelope in envelopes:
+        try:
+            results.append(await projection.apply(envelope))
+        except InvalidEvent as e:
+            results.append(e)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as e:  # the event is parked with it
+            log.error(
+                "projection_failed",
+                projection=projection.name,
+                event_id=str(envelope.event_id),
+                position=envelope.position,
+                exc_info=e,
+            )
+            results.append(_Failed(e))
+    return results
+
+
+def _failure_reason(error: Exception) -> str:
+    return f"projection failed: {type(error).__name__}: {error}"
+
+
+@dataclass
+class _Event:
+    """What is known of one event of a batch so far."""
+
+    envelope: EventEnvelope
+    applied: list[str]
+    duplicates: list[str]
+    rejected: str | None = None
+
+    def reject(self, reason: str) -> None:
+        if self.rejected is None:
+            self.rejected = reason
+
+    def outcome(self) -> Outcome:
+        if self.rejected is not None:
+            return Rejected(self.rejected)
+        return Projected(applied=tuple(self.applied), duplicates=tuple(self.duplicates))
+
+
+def _by_projection(
+    targets: Sequence[Sequence[Projection]],
+) -> list[tuple[Projection, list[int]]]:
+    """Each projection with the indexes of the events it takes, in order."""
+    groups: dict[int, tuple[Projection, list[int]]] = {}
+    for index, projections in enumerate(targets):
+        for projection in projections:
+            groups.setdefault(id(projection), (projection, []))[1].append(index)
+    return list(groups.values())
+
+
+async def project_batch(
+    envelopes: Sequence[EventEnvelope],
+    targets: Sequence[Targets],
+    *,
+    checkpoints: CheckpointStore,
+    gap_policy: GapPolicy = DEFAULT_GAP_POLICY,
+) -> list[Outcome]:
+    """`project` for a batch of events (`targets[i]` says where `envelopes[i]` goes): each
+    projection gets its events at once, each event its own outcome.
+
+    An event after a gap waits per `gap_policy` (the others of the batch are written already)
+    and then is rejected, with its aggregate's later events, which find the same gap; an event
+    a projection finds invalid, or fails on, is rejected alone. Each projection's checkpoint
+    is advanced once, to the highest position it took.
+    """
+    events = [_Event(envelope, [], []) for envelope in envelopes]
+    # The generations being rebuilt first: should one be switched to while this batch is
+    # written, readers then find there at least what they found in the one it replaces.
+    shadow_failures = await _project_shadows(envelopes, targets)
+    pending = [
+        (projection, [i for i in indexes if projection.handles(envelopes[i])])
+        for projection, indexes in _by_projection([t.live for t in targets])
+    ]
+    reached: dict[str, int] = {}
+    gaps: dict[tuple[int, str], ApplyResult] = {}
+    for attempt in range(1, gap_policy.attempts + 1):
+        gapped: list[tuple[Projection, list[int]]] = []
+        for projection, indexes in pending:
+            indexes = [i for i in indexes if events[i].rejected is None]
+            if not indexes:
+                continue
+            results = await _apply_all(projection, [envelopes[i] for i in indexes])
+            waiting: list[int] = []
+            for index, result in zip(indexes, results, strict=True):
+                event = events[index]
+                if isinstance(result, InvalidEvent):
+                    event.reject(f"invalid event for projection {projection.name}: {result}")
+                elif isinstance(result, _Failed):
+                    event.reject(_failure_reason(result.error))
+                elif result.status is ApplyStatus.GAP:
+                    waiting.append(index)
+                    gaps[(index, projection.name)] = result
+                else:
+                    # Also on a duplicate: heals a checkpoint write lost before.
+                    position = event.envelope.position
+                    reached[projection.name] = max(reached.get(projection.name, 0), position)
+                    if result.status is ApplyStatus.APPLIED:
+                        event.applied.append(projection.name)
+                    else:
+                        event.duplicates.append(projection.name)
+            if waiting:
+                gapped.append((projection, waiting))
+        pending = gapped
+        if not pending:
+            break
+        if attempt < gap_policy.attempts:
+            log.info(
+                "events_wait_for_gap",
+                projections=[projection.name for projection, _ in pending],
+                events=sum(len(indexes) for _, indexes in pending),
+                attempt=attempt,
+            )
+            await asyncio.sleep(gap_policy.delay_seconds)
+    still: dict[int, list[str]] = {}
+    for projection, indexes in pending:
+        for index in indexes:
+            still.setdefault(index, []).append(projection.name)
+    for index, names in sorted(still.items()):
+        envelope = envelopes[index]
+        events[index].reject(
+            "; ".join(_gap_reason(name, gaps[(index, name)], envelope) for name in names)
+        )
+    for name, position in reached.items():
+        await checkpoints.advance(name, position)
+    for index, reason in shadow_failures.items():
+        events[index].reject(reason)
+    return [event.outcome() for event in events]
+
+
+async def _project_shadows(
+    envelopes: Sequence[EventEnvelope], targets: Sequence[Targets]
+) -> dict[int, str]:
+    """The batch into each generation being rebuilt, whatever the live outcome (see `Shadow`);
+    returns the events a shadow failed on, with the reason to park them."""
+    failures: dict[int, str] = {}
+    shadows: dict[int, tuple[Shadow, list[int]]] = {}
+    for index, target in enumerate(targets):
+        for shadow in target.shadows:
+            if shadow.projection.handles(envelopes[index]):
+                shadows.setdefault(id(shadow.projection), (shadow, []))[1].append(index)
+    for shadow, indexes in shadows.values():
+        results = await _apply_all(shadow.projection, [envelopes[i] for i in indexes])
+        skipped = 0
+        for index, result in zip(indexes, results, strict=True):
+            if isinstance(result, _Failed):
+                failures.setdefault(index, _failure_reason(result.error))
+            elif isinstance(result, ApplyResult) and result.status is ApplyStatus.GAP:
+                skipped = max(skipped, envelopes[index].position)
+            # an invalid event: the live projection parks it; the replay skips it the same way
+        if skipped:
+            log.debug("events_skipped_for_rebuild", projection=shadow.projection.name)
+            await shadow.on_skip(skipped)
+    return failures
+
+
 class TargetResolver(Protocol):
     """Says where an event goes, from the generation pointers as they are now."""
 
     async def targets(self, envelope: EventEnvelope) -> Targets: ...
+
+    async def targets_of(self, envelopes: Sequence[EventEnvelope]) -> list[Targets]:
+        """Where each of `envelopes` goes, from one read of the pointers."""
+        ...
 
 
 class Projector:
@@ -201,6 +401,17 @@ class Projector:
             envelope,
             projections=targets.live,
             shadows=targets.shadows,
+            checkpoints=self._checkpoints,
+            gap_policy=self._gap_policy,
+        )
+
+    async def project_batch(self, envelopes: Sequence[EventEnvelope]) -> list[Outcome]:
+        """A batch of events, each with its own outcome (see `project_batch`)."""
+        if not envelopes:
+            return []
+        return await project_batch(
+            envelopes,
+            await self._resolver.targets_of(envelopes),
             checkpoints=self._checkpoints,
             gap_policy=self._gap_policy,
         )

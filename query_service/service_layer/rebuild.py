@@ -156,6 +156,10 @@ class RebuildPolicy:
     """How a rebuild proceeds (the replay source decides the batch size)."""
 
     max_rounds: int = 20
+    # Replayed events gathered before they are written: the more of an aggregate's events one
+    # write holds (each document's events fold into one), the fewer writes (memory: about
+    # 1 KiB each).
+    write_events: int = 5_000
     retire_seconds: float = 10.0
     progress_seconds: float = 1.0
     stale_after_seconds: float = STALE_AFTER_SECONDS
@@ -296,11 +300,30 @@ class Rebuild:
             {t for name in self._pending for t in self._catalog.models[name].aggregate_types}
         )
         last_report = time.monotonic()
+        gathered: list[EventEnvelope] = []
+
+        async def write() -> None:
+            if not gathered:
+                return
+            # Read models are independent: write them side by side, and let every write
+            # finish before a failure of one stops the rebuild.
+            outcomes = await asyncio.gather(
+                *(projection.apply_batch(gathered) for projection in projections),
+                return_exceptions=True,
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            progress.done += len(gathered)
+            progress.events += len(gathered)
+            gathered.clear()
+
         stream = self._source.replay(after_position=after, aggregate_types=types)
         try:
             async for item in stream:
                 match item:
                     case ReplayStarted(progress=started):
+                        await write()  # a stream started over: what came is still right
                         # Also when a replica died and another starts the stream over.
                         progress.total = started.total
                         progress.up_to_position = started.up_to_position
@@ -316,22 +339,16 @@ class Rebuild:
                             up_to_position=started.up_to_position,
                         )
                     case ReplayEvents(events=events):
-                        # Read models are independent: write them side by side, and let
-                        # every write finish before a failure of one stops the rebuild.
-                        outcomes = await asyncio.gather(
-                            *(projection.apply_batch(events) for projection in projections),
-                            return_exceptions=True,
-                        )
-                        for outcome in outcomes:
-                            if isinstance(outcome, BaseException):
-                                raise outcome
-                        progress.done += len(events)
-                        progress.events += len(events)
+                        gathered.extend(events)
+                        if len(gathered) < self._policy.write_events:
+                            continue
+                        await write()
                         now = time.monotonic()
                         if now - last_report >= self._policy.progress_seconds:
                             last_report = now
                             self._report()
                     case ReplayFinished(progress=finished):
+                        await write()
                         progress.up_to_position = finished.up_to_position
                         progress.replay_seconds += time.monotonic() - self._round_started
                         self._report()

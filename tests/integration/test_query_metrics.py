@@ -80,6 +80,10 @@ async def test_projector_counters_and_lag_follow_the_events(
     projected = "cqrs_events_projected_total"
     assert moved(before, after, projected, event_type="AccountOpened") == 1
     assert moved(before, after, projected, event_type="MoneyDeposited") == 1
+    # The write round trips to MongoDB, per collection: the two events made at least one each.
+    writes = "cqrs_read_model_writes_total"
+    assert moved(before, after, writes, collection="accounts") >= 2
+    assert moved(before, after, writes, collection="transaction_heads") >= 2
     # The events were recorded (in the test's envelopes) long ago: the lag says so.
     lag_seconds = value(after, "cqrs_projection_lag_seconds")
     assert math.isfinite(lag_seconds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 from uuid import UUID, uuid4
@@ -322,3 +323,165 @@ async def test_stop_cancels_what_outlives_the_grace_period_unsettled() -> None:
     assert message.settled == []
     with pytest.raises(asyncio.CancelledError):
         await delivery
+
+
+async def test_a_lone_delivery_is_projected_before_any_other_arrives() -> None:
+    """Nothing waits for a batch to fill: the first event is handled while no second one has
+    been delivered (were it held back for company, this would never finish)."""
+    handled: list[int] = []
+    first_handled = asyncio.Event()
+
+    async def batch_handler(events: Sequence[EventEnvelope]) -> list[Outcome]:
+        handled.append(len(events))
+        first_handled.set()
+        return [Projected(applied=("fake",), duplicates=()) for _ in events]
+
+    consumer = ProjectorConsumer(
+        handler=_unused, batch_handler=batch_handler, parker=FakeParker(), batch_size=64
+    )
+    first, second = (message_for(event) for event in deposits(uuid4(), range(1, 3)))
+
+    delivered = asyncio.create_task(deliver(consumer, first))
+    await asyncio.wait_for(first_handled.wait(), timeout=30)  # a deadlock guard, not a timing
+    await delivered
+    await deliver(consumer, second)
+
+    assert handled == [1, 1]
+    assert first.settled == ["ack"]
+    assert second.settled == ["ack"]
+
+
+async def test_deliveries_that_arrive_during_a_batch_make_the_next_one() -> None:
+    release = asyncio.Event()
+    batches: list[list[int]] = []
+
+    async def batch_handler(events: Sequence[EventEnvelope]) -> list[Outcome]:
+        batches.append([event.version for event in events])
+        await release.wait()
+        return [Projected(applied=("fake",), duplicates=()) for _ in events]
+
+    consumer = ProjectorConsumer(
+        handler=_unused,
+        batch_handler=batch_handler,
+        parker=FakeParker(),
+        batch_size=3,
+        batches_in_flight=1,
+    )
+    messages = [message_for(event) for event in deposits(uuid4(), range(1, 8))]
+    first = asyncio.create_task(deliver(consumer, messages[0]))
+    while not batches:
+        await asyncio.sleep(0)
+    rest = asyncio.create_task(deliver(consumer, *messages[1:]))
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(first, rest)
+
+    assert batches == [[1], [2, 3, 4], [5, 6, 7]]
+    assert all(message.settled == ["ack"] for message in messages)
+
+
+@dataclass(eq=False)
+class FakeChannel:
+    """Acks as the broker counts them: `multiple` covers every unsettled tag up to it."""
+
+    unacked: list[int] = field(default_factory=list)
+    acks: list[tuple[int, bool]] = field(default_factory=list)
+    is_closed: bool = False
+
+    def settle(self, tag: int, multiple: bool) -> None:
+        self.acks.append((tag, multiple))
+        if multiple:
+            self.unacked = [t for t in self.unacked if t > tag]
+        else:
+            self.unacked.remove(tag)
+
+
+@dataclass
+class ChannelMessage(FakeMessage):
+    channel: FakeChannel | None = None
+    delivery_tag: int = 0
+
+    async def ack(self, multiple: bool = False) -> None:
+        await super().ack(multiple)
+        assert self.channel is not None
+        self.channel.settle(self.delivery_tag, multiple)
+
+    async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
+        await super().nack(multiple, requeue)
+        assert self.channel is not None
+        self.channel.settle(self.delivery_tag, multiple)
+
+
+async def test_a_batch_is_acked_with_one_multiple_ack_after_its_parks() -> None:
+    account = uuid4()
+    events = deposits(account, range(1, 6))
+
+    async def batch_handler(batch: Sequence[EventEnvelope]) -> list[Outcome]:
+        await asyncio.sleep(0)  # the others are delivered meanwhile
+        return [
+            Rejected("invalid") if event.version == 3 else Projected(("fake",), ())
+            for event in batch
+        ]
+
+    channel = FakeChannel(unacked=[1, 2, 3, 4, 5])
+    messages = []
+    for tag, event in enumerate(events, start=1):
+        plain = message_for(event)
+        messages.append(
+            ChannelMessage(
+                body=plain.body, headers=plain.headers, channel=channel, delivery_tag=tag
+            )
+        )
+    parker = FakeParker()
+    consumer = ProjectorConsumer(
+        handler=_unused,
+        batch_handler=batch_handler,
+        parker=parker,
+        batch_size=64,
+        batches_in_flight=1,
+    )
+    # A batch of one first, then the four that came meanwhile as one batch.
+    await deliver(consumer, *messages)
+
+    assert [cast(ChannelMessage, message).delivery_tag for message, _ in parker.parked] == [3]
+    assert channel.unacked == []
+    # The lone one, then the park's own ack and one multiple ack for the batch's three others.
+    assert channel.acks == [(1, False), (3, False), (5, True)]
+
+
+async def test_a_multiple_ack_never_covers_a_batch_still_in_hand() -> None:
+    release = asyncio.Event()
+    first, second, third = deposits(uuid4(), range(1, 2))[0], *deposits(uuid4(), range(1, 3))
+
+    async def batch_handler(batch: Sequence[EventEnvelope]) -> list[Outcome]:
+        if batch[0].event_id == first.event_id:
+            await release.wait()  # the first batch is slow; the next one overtakes it
+        else:
+            await asyncio.sleep(0)
+        return [Projected(("fake",), ()) for _ in batch]
+
+    channel = FakeChannel(unacked=[1, 2, 3])
+    messages = []
+    for tag, event in enumerate((first, second, third), start=1):
+        plain = message_for(event)
+        messages.append(
+            ChannelMessage(
+                body=plain.body, headers=plain.headers, channel=channel, delivery_tag=tag
+            )
+        )
+    consumer = ProjectorConsumer(
+        handler=_unused, batch_handler=batch_handler, parker=FakeParker(), batches_in_flight=2
+    )
+    delivered = asyncio.create_task(deliver(consumer, *messages))
+    while len(channel.acks) < 2:
+        await asyncio.sleep(0.001)
+
+    assert channel.unacked == [1]  # still in hand: not acked along with the later ones
+    release.set()
+    await delivered
+    assert channel.unacked == []
+    assert channel.acks == [(2, False), (3, False), (1, False)]
+
+
+async def _unused(event: EventEnvelope) -> Outcome:
+    raise AssertionError("the batch handler handles every event")

@@ -24,7 +24,7 @@ only; see `OwnerSummariesProjection`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import structlog
@@ -32,7 +32,7 @@ from pymongo import IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
 from query_service.domains.ledger.accounts import account_update
-from query_service.projections.base import ApplyResult, ApplyStatus
+from query_service.projections.base import Applied, ApplyResult, ApplyStatus
 from query_service.projections.document import DocumentProjection, DocumentReadModel, DocumentRules
 from query_service.projections.store import Document, VersionedCollection
 from shared.ledger import ACCOUNT, ACCOUNT_EVENTS, AccountOpened
@@ -97,6 +97,39 @@ class OwnerSummariesProjection(DocumentProjection[AccountOpened]):
         account_id = str(envelope.aggregate_id)
         if await self._legacy_account_owners.find_one({"_id": account_id}, {"_id": 1}) is None:
             return result
+        self._warn(account_id)
+        return ApplyResult.duplicate(None)
+
+    async def apply_many(self, envelopes: Sequence[EventEnvelope]) -> list[Applied]:
+        results = await super().apply_many(envelopes)
+        unknown = {
+            str(envelope.aggregate_id)
+            for envelope, result in zip(envelopes, results, strict=True)
+            if isinstance(result, ApplyResult)
+            and result.status is ApplyStatus.GAP
+            and result.stored_version is None
+        }
+        if not unknown:
+            return results
+        legacy = {
+            str(found["_id"])
+            async for found in self._legacy_account_owners.find(
+                {"_id": {"$in": sorted(unknown)}}, {"_id": 1}
+            )
+        }
+        if not legacy:
+            return results
+        self._warn(min(legacy))
+        return [
+            ApplyResult.duplicate(None)
+            if isinstance(result, ApplyResult)
+            and result.status is ApplyStatus.GAP
+            and str(envelope.aggregate_id) in legacy
+            else result
+            for envelope, result in zip(envelopes, results, strict=True)
+        ]
+
+    def _warn(self, account_id: str) -> None:
         if not self._warned:
             self._warned = True
             log.warning(
@@ -105,7 +138,6 @@ class OwnerSummariesProjection(DocumentProjection[AccountOpened]):
                 account_id=account_id,
                 action="cqrs rebuild owner_summaries",
             )
-        return ApplyResult.duplicate(None)
 
 
 class OwnerSummariesReadModel(DocumentReadModel[AccountOpened]):

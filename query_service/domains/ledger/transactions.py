@@ -27,7 +27,7 @@ from pymongo import IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from query_service.projections.base import ApplyResult, InvalidEvent, event_data
+from query_service.projections.base import Applied, ApplyResult, InvalidEvent, event_data
 from query_service.projections.bulk import Step, insert_ignoring_duplicates, write_steps
 from query_service.projections.store import Document, VersionedCollection
 from shared.ledger import (
@@ -169,17 +169,74 @@ class TransactionsProjection:
             update=_head_update(moved),
         )
 
-    async def apply_batch(self, envelopes: Sequence[EventEnvelope]) -> None:
-        mine = [envelope for envelope in envelopes if self.handles(envelope)]
-        if not mine:
-            return
-        ids = list({str(envelope.aggregate_id) for envelope in mine})
-        heads: dict[str, tuple[int, int]] = {
+    async def apply_many(self, envelopes: Sequence[EventEnvelope]) -> list[Applied]:
+        """The live projector's batch: the heads read in one round trip, the entries inserted
+        in one and the heads moved in one (each account's events folded), entries first."""
+        heads = await self._read_heads(envelopes)
+        results: list[Applied] = []
+        entries: list[Document] = []
+        steps: list[Step] = []
+        for envelope in envelopes:
+            account_id = str(envelope.aggregate_id)
+            try:
+                event = event_data(EVENT_TYPES[envelope.type], envelope)
+                if isinstance(event, AccountOpened):
+                    if envelope.version != 1:
+                        raise InvalidEvent(
+                            f"a creating event must have version 1, not {envelope.version}"
+                        )
+                    moved = None
+                else:
+                    moved = movement(event)
+            except InvalidEvent as e:
+                results.append(e)
+                continue
+            current = heads.get(account_id)
+            if isinstance(event, AccountOpened):
+                if current is None:
+                    steps.append(Step(account_id, 1, envelope.position, fields={"balance": 0}))
+                    heads[account_id] = (1, 0)
+                    results.append(ApplyResult.applied(None))
+                else:
+                    results.append(ApplyResult.duplicate(current[0]))
+                continue
+            if current is None:
+                results.append(ApplyResult.gap(None))
+                continue
+            stored, balance = current
+            if stored >= envelope.version:
+                results.append(ApplyResult.duplicate(stored))
+                continue
+            if stored != envelope.version - 1:
+                results.append(ApplyResult.gap(stored))
+                continue
+            if moved is not None:
+                balance += moved.amount
+                entries.append(entry_document(envelope, moved, balance))
+            steps.append(
+                Step(account_id, envelope.version, envelope.position, update=_head_update(moved))
+            )
+            heads[account_id] = (envelope.version, balance)
+            results.append(ApplyResult.applied(stored))
+        # Entries before heads, as one by one; an entry already there has the same content.
+        await insert_ignoring_duplicates(self._entries, entries)
+        await write_steps(self._heads.collection, steps)
+        return results
+
+    async def _read_heads(self, envelopes: Sequence[EventEnvelope]) -> dict[str, tuple[int, int]]:
+        ids = list(dict.fromkeys(str(envelope.aggregate_id) for envelope in envelopes))
+        return {
             str(doc["_id"]): (int(doc["version"]), int(doc["balance"]))
             async for doc in self._heads.collection.find(
                 {"_id": {"$in": ids}}, {"version": 1, "balance": 1}
             )
         }
+
+    async def apply_batch(self, envelopes: Sequence[EventEnvelope]) -> None:
+        mine = [envelope for envelope in envelopes if self.handles(envelope)]
+        if not mine:
+            return
+        heads = await self._read_heads(mine)
         entries: list[Document] = []
         steps: list[Step] = []
         for envelope in mine:
