@@ -245,9 +245,17 @@ def main(argv: list[str] | None = None) -> None:
         help="another checkout (the code before a change) measured in every run beside this "
         "one, with the first replica count: the ratios to it are taken within each run",
     )
+    parser.add_argument(
+        "--latency-rate",
+        type=float,
+        help="commands/s offered in the open-loop latency phase (default: half the maximum "
+        "just measured), to compare latencies at one rate across checkouts",
+    )
     args = parser.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.latency_rate is not None and args.latency_rate <= 0:
+        parser.error("--latency-rate must be positive")
     plan = plan_for(
         quick=args.quick,
         runs=args.runs,
@@ -258,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         source=args.source,
         references=not args.no_references,
         baseline=args.baseline,
+        latency_rate=args.latency_rate,
     )
     servers = Servers.from_env()
     configure_logging("WARNING")  # the project's modules used here (migrations) log at INFO

@@ -60,6 +60,8 @@ class Plan:
     # Another checkout (the code before a change) measured in every run beside `source`, with
     # the first replica count, for ratios within each run; None: no baseline.
     baseline: Path | None = None
+    # The open-loop phase's offered rate, commands/s; None: half the maximum just measured.
+    latency_rate: float | None = None
 
 
 DEFAULT = Plan(
@@ -121,6 +123,7 @@ def plan_for(
     source: Path | None = None,
     references: bool = True,
     baseline: Path | None = None,
+    latency_rate: float | None = None,
 ) -> Plan:
     base = QUICK if quick else DEFAULT
     changes: dict[str, object] = {"profile": profile, "references": references}
@@ -136,4 +139,6 @@ def plan_for(
         changes["source"] = source.resolve()
     if baseline is not None:
         changes["baseline"] = baseline.resolve()
+    if latency_rate is not None:
+        changes["latency_rate"] = latency_rate
     return replace(base, **changes)  # type: ignore[arg-type]

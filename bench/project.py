@@ -641,8 +641,8 @@ async def measure_project(
                     out.setdefault("profile", {})[service] = profiling.top_frames(collapsed)
             deployment.sample_memory()
 
-            # 3. Half load, followed into the read model.
-            rate = max(1.0, 0.5 * peak.rate())
+            # 3. Half load (or the rate asked for), followed into the read model.
+            rate = plan.latency_rate or max(1.0, 0.5 * peak.rate())
             follower = Follower(
                 http,
                 deployment.apis,
