@@ -191,6 +191,26 @@ class _Failed:
         self.error = error
 
 
+async def _apply_each(
+    work: Sequence[tuple[Projection, list[int]]], envelopes: Sequence[EventEnvelope]
+) -> list[list[Applied | _Failed]]:
+    """`_apply_all` of every projection at once (each with the events at its indexes).
+
+    All of them finish before an error propagates, so that a batch tried again never races
+    a write of its previous attempt.
+    """
+    outcomes = await asyncio.gather(
+        *(_apply_all(projection, [envelopes[i] for i in indexes]) for projection, indexes in work),
+        return_exceptions=True,
+    )
+    results: list[list[Applied | _Failed]] = []
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results.append(outcome)
+    return results
+
+
 async def _apply_all(
     projection: Projection, envelopes: Sequence[EventEnvelope]
 ) -> list[Applied | _Failed]:
@@ -293,11 +313,16 @@ async def project_batch(
     gaps: dict[tuple[int, str], ApplyResult] = {}
     for attempt in range(1, gap_policy.attempts + 1):
         gapped: list[tuple[Projection, list[int]]] = []
-        for projection, indexes in pending:
-            indexes = [i for i in indexes if events[i].rejected is None]
-            if not indexes:
-                continue
-            results = await _apply_all(projection, [envelopes[i] for i in indexes])
+        work = [
+            (projection, taken)
+            for projection, indexes in pending
+            if (taken := [i for i in indexes if events[i].rejected is None])
+        ]
+        # The read models are independent of one another: their writes go out together, so a
+        # batch takes the time of its slowest read model, not the sum of them all.
+        for (projection, indexes), results in zip(
+            work, await _apply_each(work, envelopes), strict=True
+        ):
             waiting: list[int] = []
             for index, result in zip(indexes, results, strict=True):
                 event = events[index]
