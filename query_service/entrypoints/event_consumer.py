@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, ConsumerTag
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
 
 from cqrs_runtime import pipeline, tracing
 from cqrs_runtime.pipeline import Decided, Item, Pipeline, Policy, Retry, SpanSpec, Verdict
@@ -147,6 +147,10 @@ class ProjectorConsumer:
         self._arrived: dict[int, int] = {}  # id of a message in line -> its arrival number
         # Per channel, the delivery tags of the messages in line or in a batch.
         self._in_hand: dict[int, set[int]] = {}
+        # The channel each message in hand came on, read when it arrived: aio-pika's
+        # `message.channel` raises once the channel is closed, and the bookkeeping of a
+        # channel that closed under a batch must still be undone.
+        self._channels: dict[int, object] = {}
         # Per channel, the acked messages of the batch being settled, acked at its end.
         self._acks: dict[int, list[Delivery]] = {}
         self._parker = parker
@@ -254,12 +258,20 @@ class ProjectorConsumer:
         waiting = _Waiting(message)
         line.waiting.append(waiting)
         self._arrived[id(message)] = self._lanes.arrive()
-        channel = getattr(message, "channel", None)
+        channel = _open_channel(message)
         if channel is not None:
+            self._channels[id(message)] = channel
             self._in_hand.setdefault(id(channel), set()).add(_tag(message))
         if line.running >= self._batches_in_flight:
-            if await waiting.done:
-                return  # its batch is done
+            try:
+                if await waiting.done:
+                    return  # its batch is done
+            except asyncio.CancelledError:
+                handed = waiting.done.done() and not waiting.done.cancelled()
+                if handed and waiting.done.result() is False:
+                    # Handed the running of batches just as it was cancelled: pass it on.
+                    self._hand_over(queue, line)
+                raise
         else:
             line.running += 1
         try:
@@ -279,7 +291,7 @@ class ProjectorConsumer:
 
     def _out_of_hand(self, message: AbstractIncomingMessage) -> None:
         self._arrived.pop(id(message), None)
-        channel = getattr(message, "channel", None)
+        channel = self._channels.pop(id(message), None)
         if channel is not None:
             tags = self._in_hand.get(id(channel))
             if tags is not None:
@@ -354,7 +366,7 @@ class ProjectorConsumer:
             else:
                 del self._acks[channel_id]
             others = self._in_hand.get(channel_id, set()) - {
-                _tag(m) for m in batch if id(getattr(m, "channel", None)) == channel_id
+                _tag(m) for m in batch if id(self._channels.get(id(m))) == channel_id
             }
             below = min(others, default=None)
             covered = [d for d in deliveries if below is None or _tag(d.message) < below]
@@ -439,7 +451,7 @@ class ProjectorConsumer:
         event = delivery.decoded
         key = str(event.aggregate_id) if event is not None else None
         if decision.verdict is Verdict.ACK:
-            channel = getattr(message, "channel", None)
+            channel = self._channels.get(id(message))
             if channel is not None and not self._handed_back(message):
                 # Acked with the batch's others at its end (`_send_acks`).
                 self._acks.setdefault(id(channel), []).append(delivery)
@@ -549,7 +561,12 @@ class ProjectorConsumer:
 
     def _handed_back(self, message: AbstractIncomingMessage) -> bool:
         """Whether its channel is closed or closing: the broker requeues it for another consumer."""
-        channel = getattr(message, "channel", None)
+        channel = self._channels.get(id(message))
+        if channel is None:
+            try:
+                channel = getattr(message, "channel", None)
+            except ChannelInvalidStateError:
+                return True  # closed already
         if channel is None:
             return False
         return channel in self._released or bool(getattr(channel, "is_closed", False))
@@ -559,6 +576,14 @@ def _key_of(message: AbstractIncomingMessage) -> str | None:
     """The aggregate id the message's partition header names, if it is one."""
     key = _as_uuid((message.headers or {}).get(AGGREGATE_ID_HEADER))
     return str(key) if key is not None else None
+
+
+def _open_channel(message: AbstractIncomingMessage) -> object | None:
+    """The channel `message` came on; None when it is closed already (or a fake has none)."""
+    try:
+        return getattr(message, "channel", None)
+    except ChannelInvalidStateError:
+        return None
 
 
 def _tag(message: AbstractIncomingMessage) -> int:

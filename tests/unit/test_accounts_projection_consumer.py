@@ -11,6 +11,7 @@ from uuid import UUID, uuid4
 
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelInvalidStateError
 from pymongo.errors import AutoReconnect
 
 from query_service.entrypoints.event_consumer import ProjectorConsumer, RetryPolicy
@@ -485,3 +486,48 @@ async def test_a_multiple_ack_never_covers_a_batch_still_in_hand() -> None:
 
 async def _unused(event: EventEnvelope) -> Outcome:
     raise AssertionError("the batch handler handles every event")
+
+
+@dataclass
+class ClosableMessage(FakeMessage):
+    """Like aio-pika's: reading `channel` raises once the channel is closed."""
+
+    on: FakeChannel = field(default_factory=FakeChannel)
+    delivery_tag: int = 0
+
+    @property
+    def channel(self) -> FakeChannel:
+        if self.on.is_closed:
+            raise ChannelInvalidStateError
+        return self.on
+
+    async def ack(self, multiple: bool = False) -> None:
+        await super().ack(multiple)
+        self.channel.settle(self.delivery_tag, multiple)
+
+
+async def test_a_channel_closed_under_a_batch_does_not_stop_its_partition() -> None:
+    first, second = deposits(uuid4(), range(1, 3))
+    old, new = FakeChannel(unacked=[1]), FakeChannel(unacked=[1])
+
+    async def batch_handler(batch: Sequence[EventEnvelope]) -> list[Outcome]:
+        old.is_closed = True  # the broker closed the channel meanwhile (a connection cut)
+        return [Projected(("fake",), ()) for _ in batch]
+
+    consumer = ProjectorConsumer(handler=_unused, batch_handler=batch_handler, parker=FakeParker())
+
+    def on(channel: FakeChannel, event: EventEnvelope) -> ClosableMessage:
+        plain = message_for(event)
+        return ClosableMessage(body=plain.body, headers=plain.headers, on=channel, delivery_tag=1)
+
+    lost = on(old, first)
+    await deliver(consumer, lost)
+    assert lost.settled == []  # nothing sent on the closed channel: the broker requeues it
+
+    # The redelivery on the channel that replaced it is projected and acked.
+    again = on(new, first)
+    later = on(new, second)
+    later.delivery_tag = 2
+    new.unacked = [1, 2]
+    await asyncio.wait_for(deliver(consumer, again, later), timeout=5)
+    assert new.unacked == []
