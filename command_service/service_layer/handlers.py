@@ -13,7 +13,12 @@ from uuid import UUID
 import structlog
 
 from command_service.model.aggregate import Aggregate, DomainError
-from command_service.model.authorization import FORBIDDEN, Actor, AuthorizationPolicy
+from command_service.model.authorization import (
+    FORBIDDEN,
+    Actor,
+    AggregateLoader,
+    AuthorizationPolicy,
+)
 from command_service.service_layer.event_store import (
     Appending,
     BatchWrite,
@@ -26,7 +31,7 @@ from command_service.service_layer.event_store import (
 from command_service.service_layer.registry import CommandRegistry, ParsedCommand
 from command_service.service_layer.repository import AggregateRepository, LoadedStream
 from cqrs_runtime import tracing
-from shared.messages import CommandEnvelope, Reply, ReplyError
+from shared.messages import CommandEnvelope, Event, Reply, ReplyError
 
 log = structlog.get_logger(__name__)
 
@@ -115,30 +120,9 @@ async def handle_command(
             aggregate = await repository.load(aggregate_class, envelope.aggregate_id)
         except WrongAggregateTypeError as e:
             return await _reject(envelope, store, "wrong_aggregate_type", str(e), internal)
-        if authorize is not None:
-            try:
-                await authorize(actor, parsed.command, aggregate, load)
-            except DomainError as e:
-                if e.code == FORBIDDEN:
-                    log.info("command_forbidden", user=actor.name, reason=e.message)
-                return await _reject(envelope, store, e.code, e.message, internal)
-        if envelope.expected_version is not None and envelope.expected_version != aggregate.version:
-            return await _reject(
-                envelope,
-                store,
-                "concurrency_conflict",
-                f"expected version {envelope.expected_version}, "
-                f"aggregate is at {aggregate.version}",
-                internal,
-            )
-        try:
-            events = aggregate.decide(parsed.command)
-        except DomainError as e:
-            return await _reject(envelope, store, e.code, e.message, internal)
-        if not events:
-            return await _reject(
-                envelope, store, "no_change", "the command changes nothing", internal
-            )
+        events = await _decide(parsed, aggregate, actor, authorize, load)
+        if isinstance(events, Reply):
+            return await _record(events, store, internal)
         try:
             reply = await store.append(
                 stream_id=envelope.aggregate_id,
@@ -171,6 +155,38 @@ async def handle_command(
     )
 
 
+async def _decide(
+    parsed: ParsedCommand,
+    aggregate: Aggregate,
+    actor: Actor,
+    authorize: AuthorizationPolicy | None,
+    load: AggregateLoader,
+) -> Sequence[Event] | Reply:
+    """The command's events, or its rejection: the policy (`load` reads other aggregates for
+    it), `expected_version`, then the aggregate's decision; one command or a batch alike."""
+    envelope = parsed.envelope
+    if authorize is not None:
+        try:
+            await authorize(actor, parsed.command, aggregate, load)
+        except DomainError as e:
+            if e.code == FORBIDDEN:
+                log.info("command_forbidden", user=actor.name, reason=e.message)
+            return _rejection(envelope, e.code, e.message)
+    if envelope.expected_version is not None and envelope.expected_version != aggregate.version:
+        return _rejection(
+            envelope,
+            "concurrency_conflict",
+            f"expected version {envelope.expected_version}, aggregate is at {aggregate.version}",
+        )
+    try:
+        events = aggregate.decide(parsed.command)
+    except DomainError as e:
+        return _rejection(envelope, e.code, e.message)
+    if not events:
+        return _rejection(envelope, "no_change", "the command changes nothing")
+    return events
+
+
 def _rejection(envelope: CommandEnvelope, code: str, message: str) -> Reply:
     return Reply(
         command_id=envelope.command_id,
@@ -183,7 +199,10 @@ def _rejection(envelope: CommandEnvelope, code: str, message: str) -> Reply:
 async def _reject(
     envelope: CommandEnvelope, store: EventStore, code: str, message: str, internal: bool
 ) -> Reply:
-    reply = _rejection(envelope, code, message)
+    return await _record(_rejection(envelope, code, message), store, internal)
+
+
+async def _record(reply: Reply, store: EventStore, internal: bool) -> Reply:
     stored = await store.record_rejection(reply, internal=internal)
     return stored if stored == reply else _as_duplicate(stored)
 
@@ -302,26 +321,9 @@ class _BatchState:
             aggregate = self.aggregate(aggregate_class, envelope.aggregate_id)
         except WrongAggregateTypeError as e:
             return _rejection(envelope, "wrong_aggregate_type", str(e))
-        if authorize is not None:
-            try:
-                await authorize(actor, parsed.command, aggregate, self.load)
-            except DomainError as e:
-                if e.code == FORBIDDEN:
-                    log.info("command_forbidden", user=actor.name, reason=e.message)
-                return _rejection(envelope, e.code, e.message)
-        if envelope.expected_version is not None and envelope.expected_version != aggregate.version:
-            return _rejection(
-                envelope,
-                "concurrency_conflict",
-                f"expected version {envelope.expected_version}, "
-                f"aggregate is at {aggregate.version}",
-            )
-        try:
-            events = aggregate.decide(parsed.command)
-        except DomainError as e:
-            return _rejection(envelope, e.code, e.message)
-        if not events:
-            return _rejection(envelope, "no_change", "the command changes nothing")
+        events = await _decide(parsed, aggregate, actor, authorize, self.load)
+        if isinstance(events, Reply):
+            return events
         append = Appending(
             stream_id=envelope.aggregate_id,
             aggregate_type=aggregate_class.aggregate_type,
